@@ -1,0 +1,188 @@
+"""Per-architecture adapters for transformers 5.x Mixture-of-Experts models.
+
+Every supported family stores its routed experts the same way in transformers 5.x: a fused experts module
+(``gate_up_proj [E, 2I, H]`` with gate rows then up rows, ``down_proj [E, H, I]``, ``act_fn``) called as
+``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``, and a router module whose forward
+returns ``(router_logits, top_k_weights, top_k_index)`` with exactly the weights the model applies. What
+differs between families is data: where the MoE block lives, which config key holds the expert count,
+and how shared experts are attached. Each family is one :class:`MoeAdapter` registered by HF
+``model_type``; nothing else in the package branches on the model type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mone_export.errors import UnsupportedModelError
+
+__all__ = [
+    "MoeAdapter",
+    "MoeLayer",
+    "ADAPTERS",
+    "register_adapter",
+    "get_adapter",
+    "supported_model_types",
+    "expert_forward",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayer:
+    """One MoE block of a decoder: its index in ``model.model.layers`` and its modules."""
+
+    index: int
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts in this layer (after any removal)."""
+        return int(self.router.weight.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        """Experts each token selects."""
+        return int(self.router.top_k)
+
+    @property
+    def hidden_size(self) -> int:
+        """Model hidden size H."""
+        return int(self.router.weight.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeAdapter:
+    """What one architecture family looks like, as data.
+
+    Attributes:
+        model_type: HF ``config.model_type``.
+        num_experts_key: the config field that holds the routed-expert count (what a removal checkpoint rewrites).
+        block_attr: attribute of a decoder layer that holds the MLP / MoE block.
+        router_attr: attribute of the MoE block that holds the router.
+        experts_attr: attribute of the MoE block that holds the fused routed experts.
+        shared_expert_attr: attribute of the MoE block holding the always-on shared expert(s), if any.
+        shared_gate_attr: attribute of a ``Linear(H, 1)`` whose sigmoid scales the shared expert, if any.
+        group_limited: whether routing may restrict top-k to expert groups (``n_group``/``topk_group``).
+    """
+
+    model_type: str
+    num_experts_key: str
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    shared_expert_attr: str | None = None
+    shared_gate_attr: str | None = None
+    group_limited: bool = False
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """``model.model.layers`` of a causal LM (or ``model.layers`` of a bare decoder)."""
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no decoder layers at .model.layers; load it with "
+                "AutoModelForCausalLM (mone_export.load_model does)."
+            )
+        return layers
+
+    def is_moe_block(self, block: nn.Module) -> bool:
+        """Whether a decoder layer's MLP is a routed MoE block (dense layers are not)."""
+        return hasattr(block, self.router_attr) and hasattr(block, self.experts_attr)
+
+    def moe_layers(self, model: nn.Module) -> list[MoeLayer]:
+        """The MoE blocks of ``model`` in layer order (dense layers skipped)."""
+        found = []
+        for index, layer in enumerate(self.decoder_layers(model)):
+            block = getattr(layer, self.block_attr, None)
+            if block is not None and self.is_moe_block(block):
+                found.append(
+                    MoeLayer(index, block, getattr(block, self.router_attr), getattr(block, self.experts_attr))
+                )
+        return found
+
+    def route(self, layer: MoeLayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_k_index [T, k], top_k_weights [T, k]) exactly as the model's router applies them."""
+        _, weights, index = layer.router(hidden.reshape(-1, layer.hidden_size))
+        return index, weights
+
+    def shared_output(self, layer: MoeLayer, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The shared-expert part of the block output for ``hidden [T, H]``, or None without shared experts."""
+        if self.shared_expert_attr is None:
+            return None
+        out = getattr(layer.block, self.shared_expert_attr)(hidden)
+        if self.shared_gate_attr is not None:
+            out = torch.sigmoid(getattr(layer.block, self.shared_gate_attr)(hidden)) * out
+        return out
+
+    def set_num_experts(self, config, num_experts: int) -> None:
+        """Write a routed-expert count into a config (removal checkpoints)."""
+        setattr(config, self.num_experts_key, int(num_experts))
+
+
+def expert_forward(experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+    """f_e: expert ``expert``'s raw output on ``hidden [n, H]``, before its routing weight, from the fused weights.
+
+    Computed with the same operations as transformers' eager experts loop, so that the sum of
+    ``g_e * f_e`` reproduces the block output.
+    """
+    gate, up = F.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+
+
+ADAPTERS: dict[str, MoeAdapter] = {}
+
+
+def register_adapter(adapter: MoeAdapter) -> MoeAdapter:
+    """Register an adapter under its ``model_type`` (last registration wins)."""
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def supported_model_types() -> list[str]:
+    """Registered HF model types, sorted."""
+    return sorted(ADAPTERS)
+
+
+def get_adapter(model_or_config) -> MoeAdapter:
+    """The adapter for a model or config; a clear error for unknown or non-MoE models."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
+            f"supported: {', '.join(supported_model_types())}."
+        )
+    return adapter
+
+
+def moe_layers_or_error(model: nn.Module) -> tuple[MoeAdapter, list[MoeLayer]]:
+    """Adapter and MoE layers of ``model``; an error when the model has no routed MoE layer."""
+    adapter = get_adapter(model)
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise UnsupportedModelError(
+            f"this {adapter.model_type} model has no routed MoE layer (num_experts is 0 or every layer is dense); "
+            "nothing to prune."
+        )
+    return adapter, layers
+
+
+register_adapter(MoeAdapter("mixtral", num_experts_key="num_local_experts"))
+register_adapter(MoeAdapter("qwen3_moe", num_experts_key="num_experts"))
+register_adapter(MoeAdapter("olmoe", num_experts_key="num_experts"))
+register_adapter(
+    MoeAdapter(
+        "qwen2_moe",
+        num_experts_key="num_experts",
+        shared_expert_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+    )
+)
+register_adapter(
+    MoeAdapter("deepseek_v2", num_experts_key="n_routed_experts", shared_expert_attr="shared_experts", group_limited=True)
+)

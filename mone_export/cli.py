@@ -1,0 +1,195 @@
+"""The ``mone-export`` command line: thin commands that call one library function each.
+
+Exit codes: 0 success, 1 a failed check (parity), 2 a usage error (bad input; one-line message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from mone_export.errors import MoneError, ParityError, UsageError
+
+__all__ = ["main", "COMMANDS", "Command"]
+
+logger = logging.getLogger("mone_export")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that say what to do."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Command:
+    """A subcommand: ``add_arguments`` declares its options, ``run`` calls the library and returns a report dict."""
+
+    name: str = ""
+    help: str = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # pragma: no cover - interface
+        """Declare the command's arguments."""
+        raise NotImplementedError
+
+    def run(self, args: argparse.Namespace) -> dict:  # pragma: no cover - interface
+        """Run the command; return its report."""
+        raise NotImplementedError
+
+    def summary(self, report: dict) -> str:
+        """Human-readable closing summary of a report."""
+        return json.dumps(report, indent=1)
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--quiet, --json, --overwrite: shared by every command that writes or reports."""
+    group = parser.add_argument_group("Output")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    group.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    group.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """--method, --scope and the calibration data options."""
+    from mone_export.calibration import SOURCES
+    from mone_export.scoring import METHODS, SCOPES
+
+    group = parser.add_argument_group("Pruning")
+    group.add_argument("--method", default="mone", help=f"scoring method: {', '.join(METHODS)} (default mone)")
+    group.add_argument("--scope", default="layer", help=f"selection scope: {', '.join(SCOPES)} (default layer)")
+    group = parser.add_argument_group("Calibration")
+    group.add_argument("--calib", default="python-code",
+                       help=f"calibration source: {', '.join(SOURCES)}, or datasets:PATH (default python-code)")
+    group.add_argument("--calib-data", metavar="FILE", help="calibration text file (.txt or .jsonl with field 'text')")
+    group.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    group.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    group.add_argument("--seed", type=int, default=0, help="seed of sampling and the random method (default 0)")
+
+
+def calibration_options(args: argparse.Namespace):
+    """The :class:`CalibrationOptions` of parsed arguments."""
+    from mone_export.pipeline import CalibrationOptions
+
+    return CalibrationOptions(source=args.calib_data or args.calib, samples=args.calib_samples,
+                              seq_len=args.seq_len, seed=args.seed)
+
+
+class PruneCommand(Command):
+    """``mone-export prune``: calibrate, plan, prune and save a PyTorch checkpoint with its plan."""
+
+    name = "prune"
+    help = "calibrate and prune a model; write the pruned checkpoint and its plan"
+
+    def add_arguments(self, parser):
+        required = parser.add_argument_group("Required")
+        required.add_argument("--model", required=True, help="bundled model name or local HF checkpoint folder")
+        required.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to prune, [0, 1)")
+        required.add_argument("-o", "--output", required=True, help="output folder")
+        add_calibration_options(parser)
+        parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype")
+        add_common_options(parser)
+
+    def run(self, args):
+        from mone_export.pipeline import prune
+
+        return prune(model=args.model, ratio=args.ratio, output=args.output, method=args.method, scope=args.scope,
+                     calib=calibration_options(args), dtype=args.dtype, overwrite=args.overwrite,
+                     progress=not args.quiet)
+
+    def summary(self, report):
+        lines = [f"pruned {report['num_pruned']} of {report['num_experts']} routed experts of {report['model']} "
+                 f"({report['method']}, ratio {report['ratio']}, scope {report['scope']})"]
+        lines += [f"  layer {k}: {v}" for k, v in report["pruned"].items()]
+        mb = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+        lines.append(f"parameters: {mb(report['parameter_bytes_before'])} -> {mb(report['parameter_bytes_after'])}")
+        lines.append(f"wrote {report['output']} in {report['seconds']} s")
+        return "\n".join(lines)
+
+
+COMMANDS: dict[str, Command] = {}
+DEFAULT_COMMAND: str | None = None
+
+
+def register_command(command: Command, default: bool = False) -> Command:
+    """Add a subcommand; ``default`` makes it run when the first argument is an option."""
+    global DEFAULT_COMMAND
+    COMMANDS[command.name] = command
+    if default:
+        DEFAULT_COMMAND = command.name
+    return command
+
+
+register_command(PruneCommand())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with one subparser per command."""
+    parser = _Parser(prog="mone-export", description="Prune MoE LLMs with MoNE and export them to ONNX Runtime.")
+    from mone_export import __version__
+
+    parser.add_argument("--version", action="version", version=f"mone-export {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS.values():
+        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.help))
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    if DEFAULT_COMMAND and argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        return [DEFAULT_COMMAND, *argv]
+    return argv
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mone-export`` console script; returns the exit code."""
+    argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    command = COMMANDS[args.command]
+    quiet = getattr(args, "quiet", False)
+    _configure_logging(quiet)
+    _quiet_libraries()
+    try:
+        report = command.run(args)
+    except UsageError as exc:
+        print(f"mone-export {command.name}: error: {exc}", file=sys.stderr)
+        return 2
+    except ParityError as exc:
+        print(f"mone-export {command.name}: parity check failed: {exc}", file=sys.stderr)
+        return 1
+    except MoneError as exc:
+        print(f"mone-export {command.name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=1))
+    elif not quiet:
+        print(command.summary(report))
+    return int(report.get("exit_code", 0))
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Loading MoE checkpoints (bundled names or local folders) and saving pruned models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mone_export.adapters import get_adapter, moe_layers_or_error
+from mone_export.errors import UsageError
+from mone_export.plan import PruningPlan
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "bundled_model_path",
+    "resolve_model_path",
+    "load_model",
+    "save_pruned",
+    "check_output_dir",
+    "atomic_output_dir",
+    "PRUNED_MARKER",
+]
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODELS = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v2")
+PRUNED_MARKER = "mone_pruned.json"
+PRUNED_WEIGHTS = "mone_model.safetensors"
+PLAN_SUBDIR = "plan"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _bundled_roots() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    # Installed wheel: models are package data; source checkout: the repository's top-level models/.
+    return [here / "bundled_models", here.parent / "models"]
+
+
+def bundled_model_path(name: str) -> Path | None:
+    """Folder of the bundled model ``name`` (``mixtral``, ``qwen2_moe``, ``olmoe``, ``deepseek_v2``), if present."""
+    if name not in BUNDLED_MODELS:
+        return None
+    for root in _bundled_roots():
+        if (root / name / "config.json").is_file():
+            return root / name
+    return None
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local model folder for a bundled name or a path; a clear error when there is none."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UsageError(f"{path} is not a model folder (no config.json); pass a Hugging Face checkpoint folder "
+                             f"or a bundled model name ({', '.join(BUNDLED_MODELS)}).")
+        return path
+    bundled = bundled_model_path(text)
+    if bundled is not None:
+        return bundled
+    raise UsageError(f"model {text!r} not found: no such folder and no bundled model of that name "
+                     f"(bundled: {', '.join(BUNDLED_MODELS)}). Nothing is downloaded; pass a local checkpoint folder.")
+
+
+def _dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16.") from None
+
+
+def _experts_implementation(config, dtype: torch.dtype) -> str | None:
+    """transformers' grouped_mm CPU kernel fails when an expert row is not a multiple of 16 bytes: use eager then."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    inter = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0)
+    rows = (int(config.hidden_size) * size, int(inter) * size, 2 * int(inter) * size)
+    return "eager" if any(r % 16 for r in rows) else None
+
+
+def _load_config(path: Path):
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"{path} does not hold a config transformers can read ({str(exc).splitlines()[0]}).") from None
+
+
+def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation: str | None = None):
+    """Load a transformers 5.x MoE causal LM and its tokenizer from a local folder or bundled name.
+
+    Args:
+        name_or_path: a bundled model name (``mixtral``, ``qwen2_moe``, ``olmoe``, ``deepseek_v2``), a local Hugging
+            Face checkpoint folder, or a folder written by :func:`save_pruned`.
+        dtype: ``torch.dtype`` or ``"fp32"``/``"fp16"``/``"bf16"``; default fp32.
+        attn_implementation: passed to transformers (default: its own choice).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode; ``tokenizer`` is None when the folder has none.
+    """
+    import transformers
+
+    path = resolve_model_path(name_or_path)
+    config = _load_config(path)
+    get_adapter(config)  # unknown or non-MoE families fail here, before any weight is read
+    torch_dtype = _dtype(dtype)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    experts_impl = _experts_implementation(config, torch_dtype)
+    if experts_impl:
+        kwargs["experts_implementation"] = experts_impl
+    if (path / PRUNED_MARKER).is_file():
+        model = _load_pruned(path, config, kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    moe_layers_or_error(model)
+    model.eval()
+    return model, _load_tokenizer(path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _load_tokenizer(path: Path):
+    import transformers
+
+    # Without tokenizer files transformers 5 builds an empty tokenizer from the config: treat that as none.
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        logger.info("no tokenizer in %s", path)
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        logger.info("no tokenizer in %s", path)
+        return None
+
+
+def _load_pruned(path: Path, config, kwargs):
+    import transformers
+    from safetensors.torch import load_model as load_safetensors
+
+    from mone_export.novices import apply_plan
+
+    marker = json.loads((path / PRUNED_MARKER).read_text())
+    if hasattr(config, "mone_pruning"):
+        del config.mone_pruning
+    plan = PruningPlan.load(path / marker.get("plan", PLAN_SUBDIR))
+    model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+    apply_plan(model, plan)
+    load_safetensors(model, str(path / marker.get("weights", PRUNED_WEIGHTS)), strict=True)
+    return model
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that is a file, non-empty without ``overwrite``, or not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output {path} exists and is not a folder; choose another -o.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"output folder {path} is not empty; pass --overwrite to replace it, or choose another -o.")
+    parent = path if path.is_dir() else _existing_parent(path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {parent} is not writable; choose another -o.")
+    return path
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    A failure leaves any previous content of ``path`` intact and no partial files behind.
+    """
+    path = Path(path).absolute()
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_standard_checkpoint(model, plan: PruningPlan) -> bool:
+    """Removal plans with one expert count in every layer save as plain transformers checkpoints."""
+    if plan.replacement != "remove":
+        return False
+    adapter, layers = moe_layers_or_error(model)
+    return len({layer.num_experts for layer in layers}) == 1
+
+
+def save_pruned(model, tokenizer, plan: PruningPlan, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a pruned model, its tokenizer and its plan to ``out_dir`` (atomically).
+
+    Removal plans that leave one expert count everywhere give a standard HF checkpoint with fewer experts.
+    Novice models (and uneven removals) are written with :data:`PRUNED_MARKER` and reload through
+    :func:`load_model` into the identical model; plain transformers refuses them rather than misloading.
+    """
+    from safetensors.torch import save_model as save_safetensors
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        if _is_standard_checkpoint(model, plan):
+            model.save_pretrained(str(tmp))
+        else:
+            config = model.config
+            saved = getattr(config, "mone_pruning", None)
+            if saved is not None:
+                del config.mone_pruning
+            try:
+                _original_config(model, plan).save_pretrained(str(tmp))
+            finally:
+                if saved is not None:
+                    config.mone_pruning = saved
+            save_safetensors(model, str(tmp / PRUNED_WEIGHTS), metadata={"format": "pt"})
+            (tmp / PRUNED_MARKER).write_text(
+                json.dumps({"format": "mone-export/pruned-model", "version": 1, "weights": PRUNED_WEIGHTS,
+                            "plan": PLAN_SUBDIR}, indent=1) + "\n"
+            )
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        plan.save(tmp / PLAN_SUBDIR)
+    return Path(out_dir)
+
+
+def _original_config(model, plan: PruningPlan):
+    """The config of the unpruned model (expert counts as the plan expects), so the plan re-applies on load."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    counts = set(plan.model["num_experts"].values())
+    if len(counts) == 1:
+        get_adapter(config).set_num_experts(config, counts.pop())
+    return config

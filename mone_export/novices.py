@@ -1,0 +1,124 @@
+"""Applying a pruning plan to a PyTorch model, in place: novices or removal (SPEC §1)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from mone_export.adapters import MoeAdapter, MoeLayer, expert_forward, moe_layers_or_error
+from mone_export.errors import UsageError
+from mone_export.plan import PruningPlan
+
+__all__ = ["NoviceExperts", "apply_plan", "dense_routing_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def dense_routing_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, E]`` routing weights g_e(x): the applied top-k weights scattered into zeros."""
+    dense = torch.zeros(top_k_index.shape[0], num_experts, dtype=top_k_weights.dtype, device=top_k_weights.device)
+    return dense.scatter(1, top_k_index, top_k_weights)
+
+
+class NoviceExperts(nn.Module):
+    """Routed experts of one layer after MoNE pruning: real experts keep their weights, novices are constants.
+
+    The router is unchanged and still selects novices; a token routed to novice ``e`` with weight g_e(x)
+    receives ``g_e(x) * novice_means[row(e)]``. Only the real experts' weights are stored
+    (``gate_up_proj [E_real, 2I, H]``, ``down_proj [E_real, H, I]``), so a pruned expert's weights are freed.
+    Called like the transformers experts module: ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+    """
+
+    is_pruned = True
+
+    def __init__(self, experts: nn.Module, novice_ids: list[int], novice_means: torch.Tensor):
+        super().__init__()
+        num_experts = int(experts.gate_up_proj.shape[0])
+        novice_set = set(novice_ids)
+        self.num_experts = num_experts
+        self.real_ids = [e for e in range(num_experts) if e not in novice_set]
+        self.novice_ids = sorted(novice_ids)
+        self.act_fn = experts.act_fn
+        real = torch.tensor(self.real_ids, dtype=torch.long)
+        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[real].clone(), requires_grad=False)
+        self.down_proj = nn.Parameter(experts.down_proj.detach()[real].clone(), requires_grad=False)
+        dtype = experts.gate_up_proj.dtype
+        self.register_buffer("novice_means", novice_means.detach().to(dtype).clone().reshape(len(novice_ids), -1))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """Σ over real experts of g_e f_e (as transformers' eager loop) plus the novices' constant outputs."""
+        out = torch.zeros_like(hidden_states)
+        hit = set(torch.unique(top_k_index).tolist())
+        for slot, expert in enumerate(self.real_ids):
+            if expert not in hit:
+                continue
+            token, pos = torch.where(top_k_index == expert)
+            f_e = expert_forward(self, slot, hidden_states[token])
+            out.index_add_(0, token, (f_e * top_k_weights[token, pos, None]).to(out.dtype))
+        if self.novice_ids:
+            dense = dense_routing_weights(top_k_index, top_k_weights, self.num_experts)
+            out = out + (dense[:, self.novice_ids] @ self.novice_means.to(dense.dtype)).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, real={len(self.real_ids)}, novices={self.novice_ids}"
+
+
+def _apply_novices(layer: MoeLayer, adapter: MoeAdapter, pruned: list[int], vectors: torch.Tensor) -> None:
+    setattr(layer.block, adapter.experts_attr, NoviceExperts(layer.experts, pruned, vectors))
+
+
+def _check_group_removal(layer: MoeLayer, pruned: list[int]) -> None:
+    """Group-limited routing keeps groups contiguous and equal-sized only if each group loses as many experts."""
+    groups = int(getattr(layer.router, "num_group", None) or 1)
+    if getattr(layer.router, "topk_method", None) != "group_limited_greedy" or groups <= 1:
+        return
+    size = layer.num_experts // groups
+    lost = [sum(1 for e in pruned if e // size == g) for g in range(groups)]
+    if len(set(lost)) != 1:
+        raise UsageError(
+            f"layer {layer.index} uses group-limited routing ({groups} groups) and removal would take {lost} experts "
+            "from its groups; removal needs equal losses per group. Use --method mone or mone-zero (router kept)."
+        )
+
+
+def _remove_experts(layer: MoeLayer, pruned: list[int]) -> None:
+    _check_group_removal(layer, pruned)
+    kept = torch.tensor([e for e in range(layer.num_experts) if e not in set(pruned)], dtype=torch.long)
+    router, experts = layer.router, layer.experts
+    router.weight = nn.Parameter(router.weight.detach()[kept].clone(), requires_grad=False)
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(experts, name, nn.Parameter(getattr(experts, name).detach()[kept].clone(), requires_grad=False))
+    for module in (router, experts):
+        if hasattr(module, "num_experts"):
+            module.num_experts = len(kept)
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Prune ``model`` in place as ``plan`` says and return it; ``model.generate()`` keeps working.
+
+    Novice plans replace each layer's experts module by :class:`NoviceExperts` (router unchanged); removal plans
+    delete the pruned experts and their router rows, so top-k runs over the remaining experts. A removal that
+    leaves every MoE layer with the same expert count also updates the config, so the model saves as a
+    standard checkpoint with fewer experts.
+    """
+    plan.validate_for(model)
+    adapter, layers = moe_layers_or_error(model)
+    for layer in layers:
+        pruned = plan.pruned.get(layer.index, [])
+        if not pruned:
+            continue
+        if plan.replacement == "remove":
+            _remove_experts(layer, pruned)
+        else:
+            _apply_novices(layer, adapter, pruned, plan.novices[layer.index])
+    if plan.replacement == "remove":
+        counts = {layer.num_experts for layer in adapter.moe_layers(model)}
+        if len(counts) == 1:
+            adapter.set_num_experts(model.config, counts.pop())
+    if plan.num_pruned:
+        model.config.mone_pruning = plan.summary()
+    logger.info("applied plan: %s %s", plan.method, plan.summary()["pruned_per_layer"])
+    return model

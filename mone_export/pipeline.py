@@ -1,0 +1,98 @@
+"""The library functions behind the CLI commands: each takes plain keyword arguments and returns a report dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from mone_export.calibration import calibration_batches, describe_source
+from mone_export.errors import UsageError
+from mone_export.loading import check_output_dir, load_model, save_pruned
+from mone_export.novices import apply_plan
+from mone_export.scoring import SCOPES, check_ratio_feasible, method_or_error, plan_pruning
+from mone_export.stats import collect_stats
+
+__all__ = ["CalibrationOptions", "calibrate_and_plan", "prune", "parameter_bytes"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationOptions:
+    """Which calibration data to run: source (built-in name or .txt/.jsonl path), samples, sequence length, seed."""
+
+    source: str = "python-code"
+    samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+
+    def check(self) -> None:
+        """Reject counts that cannot make a sample."""
+        if self.samples < 1:
+            raise UsageError(f"--calib-samples must be at least 1 (got {self.samples}).")
+        if self.seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2 (got {self.seq_len}).")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied weights counted once)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, calib: CalibrationOptions,
+                       progress: bool = True):
+    """Calibrate ``model`` on ``calib`` and return ``(plan, stats)``; the model is not changed."""
+    method_or_error(method)
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    calib.check()
+    vocab = int(model.config.vocab_size)
+    batches = calibration_batches(calib.source, tokenizer, calib.samples, calib.seq_len, seed=calib.seed,
+                                  batch_size=calib.batch_size, vocab_size=vocab)
+    info = {**describe_source(calib.source), "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed}
+    stats = collect_stats(model, batches, progress=progress, calibration=info)
+    return plan_pruning(stats, ratio, method=method, scope=scope, seed=calib.seed), stats
+
+
+def prune(model: str, ratio: float, output: str, method: str = "mone", scope: str = "layer",
+          calib: CalibrationOptions = CalibrationOptions(), dtype: str = "fp32", overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Load → calibrate → plan → apply → save the pruned model and its plan into ``output``; return the report."""
+    started = time.perf_counter()
+    method_or_error(method)
+    check_output_dir(output, overwrite)
+    calib.check()
+    loaded, tokenizer = load_model(model, dtype=dtype)
+    check_ratio_feasible(loaded, ratio, method, scope)
+    before = parameter_bytes(loaded)
+    plan, _ = calibrate_and_plan(loaded, tokenizer, ratio, method, scope, calib, progress)
+    apply_plan(loaded, plan)
+    report = {
+        "command": "prune",
+        "model": str(model),
+        "model_type": plan.model["model_type"],
+        "output": str(Path(output)),
+        **plan.summary(),
+        "pruned": {str(k): v for k, v in plan.pruned.items()},
+        "calibration": plan.calibration,
+        "parameter_bytes_before": before,
+        "parameter_bytes_after": parameter_bytes(loaded),
+    }
+    save_pruned(loaded, tokenizer, plan, output, overwrite=overwrite)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    (Path(output) / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report

@@ -1,0 +1,242 @@
+"""The pruning plan (SPEC §2): a versioned, self-describing, validated artifact.
+
+On disk a plan is a folder with ``plan.json`` (everything but the novice vectors) and
+``novices.safetensors`` (one ``[n_pruned, H]`` float32 tensor per layer, key ``layers.{i}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mone_export.errors import PlanMismatchError, UsageError
+
+__all__ = ["PruningPlan", "PLAN_VERSION", "PLAN_FILE", "NOVICES_FILE"]
+
+PLAN_VERSION = 1
+PLAN_FILE = "plan.json"
+NOVICES_FILE = "novices.safetensors"
+FORMAT = "mone-export/pruning-plan"
+REPLACEMENTS = ("novice", "zero", "remove")
+
+
+@dataclasses.dataclass
+class PruningPlan:
+    """Which routed experts of which MoE layer are pruned, how, and on what evidence.
+
+    Attributes:
+        pruned: decoder-layer index (in ``model.model.layers``) → sorted pruned expert indices.
+        novices: decoder-layer index → ``[n_pruned, H]`` float32 replacement vectors, rows in ``pruned`` order
+            (means for ``mone``, zeros for ``mone-zero``); empty for removal methods.
+        method, replacement, ratio, scope, seed: how the plan was made.
+        model: what the plan fits: ``model_type``, ``num_hidden_layers``, ``hidden_size``,
+            ``num_experts`` (per MoE layer) and ``top_k`` (per MoE layer).
+        calibration: the calibration data (source, samples, sequence length, seed, tokens).
+        experts: per-layer per-expert statistics and scores (lists of floats), for reports.
+        version: plan format version.
+    """
+
+    pruned: dict[int, list[int]]
+    novices: dict[int, torch.Tensor]
+    method: str
+    replacement: str
+    ratio: float
+    scope: str
+    seed: int
+    model: dict[str, Any]
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    experts: dict[int, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self):
+        self.pruned = {int(k): sorted(int(e) for e in v) for k, v in sorted(self.pruned.items())}
+        self.novices = {int(k): v for k, v in sorted(self.novices.items())}
+        self.check()
+
+    @classmethod
+    def from_selection(cls, stats, scores, pruned, novices, **how) -> "PruningPlan":
+        """Build a plan from statistics, scores and a selection (used by :func:`mone_export.plan_pruning`)."""
+        experts = {}
+        for index, layer in stats.layers.items():
+            experts[index] = {
+                "score": scores[index].tolist(),
+                "count": layer.count.tolist(),
+                "frequency": layer.frequency.tolist(),
+                "routing_score": layer.routing_score.tolist(),
+                "phi_var": layer.phi_var.tolist(),
+                "reap": layer.reap.tolist(),
+            }
+        first = next(iter(stats.layers.values()))
+        model = {
+            "model_type": stats.model_type,
+            "num_hidden_layers": stats.num_hidden_layers,
+            "hidden_size": first.hidden_size,
+            "num_experts": {i: l.num_experts for i, l in stats.layers.items()},
+            "top_k": {i: l.top_k for i, l in stats.layers.items()},
+        }
+        return cls(pruned=pruned, novices=novices, model=model, calibration=dict(stats.calibration), experts=experts, **how)
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Internal consistency: known replacement, indices in range, novices shaped like ``pruned``."""
+        if self.version != PLAN_VERSION:
+            raise UsageError(f"plan version {self.version} is not supported (this mone-export reads version {PLAN_VERSION}).")
+        if self.replacement not in REPLACEMENTS:
+            raise UsageError(f"plan replacement {self.replacement!r} is not one of {REPLACEMENTS}.")
+        num_experts = {int(k): int(v) for k, v in self.model.get("num_experts", {}).items()}
+        hidden = int(self.model.get("hidden_size", 0))
+        for index, experts in self.pruned.items():
+            if index not in num_experts:
+                raise UsageError(f"plan prunes layer {index}, which it does not list as a MoE layer.")
+            if any(e < 0 or e >= num_experts[index] for e in experts) or len(set(experts)) != len(experts):
+                raise UsageError(f"plan layer {index}: pruned experts {experts} are not distinct indices below {num_experts[index]}.")
+            if len(experts) >= num_experts[index]:
+                raise UsageError(f"plan layer {index} prunes all {num_experts[index]} experts; at least one must stay.")
+        if self.replacement == "remove":
+            if self.novices:
+                raise UsageError("a removal plan carries no novice vectors.")
+            return
+        for index, experts in self.pruned.items():
+            vectors = self.novices.get(index)
+            if experts and (vectors is None or tuple(vectors.shape) != (len(experts), hidden)):
+                shape = None if vectors is None else tuple(vectors.shape)
+                raise UsageError(f"plan layer {index}: novice vectors have shape {shape}, expected {(len(experts), hidden)}.")
+
+    def validate_for(self, model) -> None:
+        """Raise :class:`PlanMismatchError` naming the mismatch when this plan does not fit ``model``."""
+        from mone_export.adapters import moe_layers_or_error
+
+        adapter, layers = moe_layers_or_error(model)
+        config = model.config
+        expect = self.model
+        if adapter.model_type != expect["model_type"]:
+            raise PlanMismatchError(
+                f"the plan is for model_type {expect['model_type']!r} but the model is {adapter.model_type!r}; "
+                "apply it to the model it was made for."
+            )
+        if int(config.num_hidden_layers) != int(expect["num_hidden_layers"]):
+            raise PlanMismatchError(
+                f"the plan is for {expect['num_hidden_layers']} layers but the model has {config.num_hidden_layers}."
+            )
+        if int(config.hidden_size) != int(expect["hidden_size"]):
+            raise PlanMismatchError(f"the plan is for hidden size {expect['hidden_size']} but the model has {config.hidden_size}.")
+        have = {layer.index: layer.num_experts for layer in layers}
+        want = {int(k): int(v) for k, v in expect["num_experts"].items()}
+        if set(have) != set(want):
+            raise PlanMismatchError(f"the plan's MoE layers {sorted(want)} differ from the model's {sorted(have)}.")
+        for index, n in want.items():
+            if have[index] != n:
+                raise PlanMismatchError(
+                    f"layer {index} has {have[index]} experts but the plan expects {n} (E mismatch); "
+                    "apply the plan to the original, unpruned model."
+                )
+
+    # -- derived --------------------------------------------------------------------------------------
+
+    def kept(self, index: int) -> list[int]:
+        """Experts of layer ``index`` that stay real."""
+        pruned = set(self.pruned.get(index, ()))
+        return [e for e in range(int(self.model["num_experts"][index])) if e not in pruned]
+
+    @property
+    def num_pruned(self) -> int:
+        """Total pruned routed experts."""
+        return sum(len(v) for v in self.pruned.values())
+
+    # -- persistence --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (novice vectors excluded; they live in safetensors)."""
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "method": self.method,
+            "replacement": self.replacement,
+            "ratio": self.ratio,
+            "scope": self.scope,
+            "seed": self.seed,
+            "model": {
+                **self.model,
+                "num_experts": {str(k): v for k, v in self.model["num_experts"].items()},
+                "top_k": {str(k): v for k, v in self.model["top_k"].items()},
+            },
+            "calibration": self.calibration,
+            "pruned": {str(k): v for k, v in self.pruned.items()},
+            "experts": {str(k): v for k, v in self.experts.items()},
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``plan.json`` and ``novices.safetensors`` into ``directory`` (atomically, file by file)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        _atomic_write(directory / PLAN_FILE, lambda p: p.write_text(text + "\n"))
+        tensors = {f"layers.{k}": v.detach().to(torch.float32).contiguous() for k, v in self.novices.items()}
+        _atomic_write(directory / NOVICES_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model=None) -> "PruningPlan":
+        """Read a plan folder; with ``model``, also check that the plan fits it."""
+        directory = Path(directory)
+        path = directory / PLAN_FILE
+        if not path.is_file():
+            raise UsageError(f"{directory} holds no {PLAN_FILE}; pass the folder a plan was saved to.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON ({exc}); save the plan again.") from None
+        if data.get("format") != FORMAT:
+            raise UsageError(f"{path} is not a mone-export pruning plan.")
+        novices_path = directory / NOVICES_FILE
+        tensors = load_file(str(novices_path)) if novices_path.is_file() else {}
+        spec = data["model"]
+        plan = cls(
+            pruned={int(k): v for k, v in data["pruned"].items()},
+            novices={int(k.split(".", 1)[1]): v for k, v in tensors.items()},
+            method=data["method"],
+            replacement=data["replacement"],
+            ratio=float(data["ratio"]),
+            scope=data["scope"],
+            seed=int(data["seed"]),
+            model={
+                **spec,
+                "num_experts": {int(k): int(v) for k, v in spec["num_experts"].items()},
+                "top_k": {int(k): int(v) for k, v in spec["top_k"].items()},
+            },
+            calibration=data.get("calibration", {}),
+            experts={int(k): v for k, v in data.get("experts", {}).items()},
+            version=int(data["version"]),
+        )
+        if model is not None:
+            plan.validate_for(model)
+        return plan
+
+    def summary(self) -> dict[str, Any]:
+        """Short machine-readable summary: method, ratio, scope, pruned counts per layer."""
+        return {
+            "method": self.method,
+            "ratio": self.ratio,
+            "scope": self.scope,
+            "pruned_per_layer": {str(k): len(v) for k, v in self.pruned.items()},
+            "num_pruned": self.num_pruned,
+            "num_experts": int(sum(self.model["num_experts"].values())),
+        }
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

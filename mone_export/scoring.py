@@ -1,0 +1,190 @@
+"""Expert scores and the selection of pruned experts (SPEC §1): low score = redundant = pruned first."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mone_export.errors import UsageError
+from mone_export.plan import PruningPlan
+from mone_export.stats import ExpertStats, LayerStats
+
+__all__ = ["Method", "METHODS", "SCOPES", "method_or_error", "check_ratio_feasible", "layer_scores", "select_pruned", "plan_pruning"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A pruning method: how experts are scored and what replaces a pruned one.
+
+    ``replacement`` is ``"novice"`` (constant mean output, router kept), ``"zero"`` (dropped, router kept)
+    or ``"remove"`` (expert and its router row deleted).
+    """
+
+    name: str
+    score: Callable[[LayerStats, np.random.Generator], np.ndarray]
+    replacement: str
+
+    @property
+    def keeps_router(self) -> bool:
+        """Whether tokens still route to pruned experts (novice methods)."""
+        return self.replacement != "remove"
+
+
+def _mone_score(stats: LayerStats, rng) -> np.ndarray:
+    return stats.routing_score * stats.phi_var
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("mone", _mone_score, "novice"),
+        Method("mone-zero", _mone_score, "zero"),
+        Method("frequency", lambda s, rng: s.frequency, "remove"),
+        Method("routing-score", lambda s, rng: s.routing_score, "remove"),
+        Method("reap", lambda s, rng: s.reap, "remove"),
+        Method("random", lambda s, rng: rng.random(s.num_experts), "remove"),
+    )
+}
+
+SCOPES = ("layer", "global")
+
+
+def method_or_error(name: str) -> Method:
+    """The method called ``name``; an error listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}.") from None
+
+
+def layer_scores(stats: ExpertStats, method: Method, seed: int = 0) -> dict[int, np.ndarray]:
+    """Per-layer float64 scores; ``random`` draws from ``numpy.random.default_rng(seed)`` layer by layer in order."""
+    rng = np.random.default_rng(seed)
+    return {index: np.asarray(method.score(layer, rng), dtype=np.float64) for index, layer in sorted(stats.layers.items())}
+
+
+def _min_kept(layer: LayerStats, method: Method) -> int:
+    return layer.top_k if method.replacement == "remove" else 1
+
+
+def _check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0) or math.isnan(ratio):
+        raise UsageError(f"ratio {ratio!r} is outside [0, 1); pass the fraction of routed experts to prune, e.g. 0.25.")
+
+
+def _lowest(scores: np.ndarray, n: int) -> list[int]:
+    # Stable sort on (score, index): ties break by lower expert index.
+    return sorted(np.lexsort((np.arange(len(scores)), scores))[:n].tolist())
+
+
+def _select_layer_scope(stats: ExpertStats, scores, ratio: float, method: Method) -> dict[int, list[int]]:
+    pruned = {}
+    for index, layer in sorted(stats.layers.items()):
+        n = math.floor(ratio * layer.num_experts)
+        kept = layer.num_experts - n
+        if kept < _min_kept(layer, method):
+            need = "top_k" if method.replacement == "remove" else "one real expert"
+            raise UsageError(
+                f"ratio {ratio} prunes {n} of {layer.num_experts} experts in layer {index}, leaving {kept} "
+                f"(fewer than {need}={_min_kept(layer, method)} for method {method.name}); use a smaller ratio."
+            )
+        pruned[index] = _lowest(scores[index], n)
+    return pruned
+
+
+def _select_global_scope(stats: ExpertStats, scores, ratio: float, method: Method) -> dict[int, list[int]]:
+    total = sum(math.floor(ratio * layer.num_experts) for layer in stats.layers.values())
+    ranked = []
+    for index, s in sorted(scores.items()):
+        mean = s.mean()
+        normalised = s / mean if mean != 0 else s
+        ranked.extend((float(v), index, e) for e, v in enumerate(normalised))
+    ranked.sort()
+    room = {index: layer.num_experts - _min_kept(layer, method) for index, layer in stats.layers.items()}
+    pruned: dict[int, list[int]] = {index: [] for index in stats.layers}
+    chosen = 0
+    for _, index, expert in ranked:
+        if chosen == total:
+            break
+        if len(pruned[index]) < room[index]:
+            pruned[index].append(expert)
+            chosen += 1
+    if chosen < total:
+        raise UsageError(
+            f"ratio {ratio} asks for {total} pruned experts but only {chosen} can go while every layer keeps "
+            f"{'top_k' if method.replacement == 'remove' else 'one'} expert(s); use a smaller ratio."
+        )
+    return {index: sorted(p) for index, p in sorted(pruned.items())}
+
+
+def check_ratio_feasible(model, ratio: float, method: str, scope: str = "layer") -> None:
+    """Fail before calibration when ``ratio`` cannot be met on ``model`` (range, top_k, at least one expert)."""
+    from mone_export.adapters import moe_layers_or_error
+
+    chosen = method_or_error(method)
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    _check_ratio(ratio)
+    adapter, layers = moe_layers_or_error(model)
+    shapes = ExpertStats(adapter.model_type, 0, {l.index: LayerStats(l.num_experts, 1, l.top_k) for l in layers})
+    zeros = {l.index: np.zeros(l.num_experts) for l in layers}
+    select_pruned(shapes, zeros, ratio, chosen, scope)
+
+
+def select_pruned(stats: ExpertStats, scores: dict[int, np.ndarray], ratio: float, method: Method, scope: str):
+    """Pruned expert indices per layer for ``ratio`` and ``scope`` (SPEC §1 selection rules)."""
+    _check_ratio(ratio)
+    if scope == "layer":
+        return _select_layer_scope(stats, scores, ratio, method)
+    if scope == "global":
+        return _select_global_scope(stats, scores, ratio, method)
+    raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+
+
+def _novice_vectors(stats: ExpertStats, pruned: dict[int, list[int]], method: Method) -> dict[int, torch.Tensor]:
+    if method.replacement == "remove":
+        return {}
+    vectors = {}
+    for index, experts in pruned.items():
+        means = stats.layers[index].mean[experts]
+        if method.replacement == "zero":
+            means = np.zeros_like(means)
+        vectors[index] = torch.from_numpy(means.astype(np.float32))
+    return vectors
+
+
+def plan_pruning(stats: ExpertStats, ratio: float, method: str = "mone", scope: str = "layer", seed: int = 0) -> PruningPlan:
+    """Score every routed expert and choose which to prune.
+
+    Args:
+        stats: calibration statistics from :func:`mone_export.collect_stats`.
+        ratio: fraction of routed experts per MoE layer to prune, in [0, 1).
+        method: ``mone`` (default), ``mone-zero``, ``frequency``, ``routing-score``, ``reap`` or ``random``.
+        scope: ``layer`` (floor(ratio·E) per layer) or ``global`` (same total, ranked across layers).
+        seed: seed of the ``random`` method.
+
+    Returns:
+        A :class:`PruningPlan` whose ``pruned`` maps decoder-layer index to sorted pruned experts and whose
+        ``novices`` maps it to ``[n_pruned, H]`` float32 replacement vectors (absent for removal methods).
+    """
+    chosen = method_or_error(method)
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    _check_ratio(ratio)
+    scores = layer_scores(stats, chosen, seed)
+    pruned = select_pruned(stats, scores, ratio, chosen, scope)
+    return PruningPlan.from_selection(
+        stats=stats,
+        scores=scores,
+        pruned=pruned,
+        novices=_novice_vectors(stats, pruned, chosen),
+        method=chosen.name,
+        replacement=chosen.replacement,
+        ratio=float(ratio),
+        scope=scope,
+        seed=int(seed),
+    )

@@ -1,0 +1,186 @@
+"""Exact per-expert calibration statistics (SPEC §1), collected in one pass over the data.
+
+During collection each MoE layer's experts module runs an instrumented forward that computes every
+selected expert's raw output f_e(x) once, uses it both for the block output (so the model runs as usual)
+and for the statistics. Statistics are float64 and merged across batches with Chan's parallel update,
+which is exact up to float64 rounding however the data is batched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import types
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mone_export.adapters import MoeLayer, expert_forward, moe_layers_or_error
+from mone_export.errors import UsageError
+
+__all__ = ["LayerStats", "ExpertStats", "collect_stats", "recording_experts"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Running statistics of one MoE layer's routed experts (float64)."""
+
+    num_experts: int
+    hidden_size: int
+    top_k: int
+    num_tokens: int = 0
+    count: np.ndarray = None  # [E] tokens routed to each expert
+    routing_sum: np.ndarray = None  # [E] sum of g_e(x) over all tokens
+    reap_sum: np.ndarray = None  # [E] sum over R_e of g_e(x) * ||f_e(x)||
+    mean: np.ndarray = None  # [E, H] running mean of f_e over R_e
+    m2: np.ndarray = None  # [E, H] running sum of squared deviations from the mean
+
+    def __post_init__(self):
+        e, h = self.num_experts, self.hidden_size
+        for name, shape in (("count", (e,)), ("routing_sum", (e,)), ("reap_sum", (e,)), ("mean", (e, h)), ("m2", (e, h))):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(shape, dtype=np.int64 if name == "count" else np.float64))
+
+    def add_tokens(self, num_tokens: int, routing_sum: np.ndarray) -> None:
+        """Account for a batch of tokens reaching the layer and their summed routing weights per expert."""
+        self.num_tokens += int(num_tokens)
+        self.routing_sum += routing_sum
+
+    def add_expert_outputs(self, expert: int, outputs: np.ndarray, weights: np.ndarray) -> None:
+        """Merge f_e(x) for a batch of routed tokens (``outputs [n, H]``, ``weights [n]`` = g_e(x)) into the stats."""
+        n = outputs.shape[0]
+        if n == 0:
+            return
+        batch_mean = outputs.mean(axis=0)
+        batch_m2 = ((outputs - batch_mean) ** 2).sum(axis=0)
+        total = self.count[expert] + n
+        delta = batch_mean - self.mean[expert]
+        self.mean[expert] += delta * (n / total)
+        self.m2[expert] += batch_m2 + delta**2 * (self.count[expert] * n / total)
+        self.count[expert] = total
+        self.reap_sum[expert] += float(np.dot(weights, np.linalg.norm(outputs, axis=1)))
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """count_e / N."""
+        return self.count / max(self.num_tokens, 1)
+
+    @property
+    def routing_score(self) -> np.ndarray:
+        """(1/N) Σ_x g_e(x)."""
+        return self.routing_sum / max(self.num_tokens, 1)
+
+    @property
+    def var(self) -> np.ndarray:
+        """[E, H] unbiased variance of f_e over R_e (0 when count_e < 2)."""
+        denom = (self.count - 1).astype(np.float64)[:, None]
+        return np.where(denom > 0, self.m2 / np.maximum(denom, 1.0), 0.0)
+
+    @property
+    def phi_var(self) -> np.ndarray:
+        """sqrt(Σ_d var_e[d])."""
+        return np.sqrt(self.var.sum(axis=1))
+
+    @property
+    def reap(self) -> np.ndarray:
+        """Mean over R_e of g_e(x) · ‖f_e(x)‖₂ (0 for an expert no token reached)."""
+        return np.where(self.count > 0, self.reap_sum / np.maximum(self.count, 1), 0.0)
+
+
+@dataclasses.dataclass
+class ExpertStats:
+    """Calibration statistics of every MoE layer of one model, keyed by decoder-layer index."""
+
+    model_type: str
+    num_hidden_layers: int
+    layers: dict[int, LayerStats]
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens seen by the first MoE layer (every MoE layer sees all of them)."""
+        return next(iter(self.layers.values())).num_tokens if self.layers else 0
+
+
+def _instrumented_forward(layer_stats: LayerStats, experts: nn.Module):
+    """An experts forward that returns the block's routed output and records each expert's f_e."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        num_experts = layer_stats.num_experts
+        weights64 = top_k_weights.detach().to(torch.float64)
+        dense = torch.zeros(hidden_states.shape[0], num_experts, dtype=torch.float64)
+        dense.scatter_add_(1, top_k_index, weights64)
+        layer_stats.add_tokens(hidden_states.shape[0], dense.sum(dim=0).numpy())
+        out = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            token, slot = torch.where(top_k_index == expert)
+            f_e = expert_forward(self, expert, hidden_states[token])
+            weight = top_k_weights[token, slot, None]
+            out.index_add_(0, token, (f_e * weight).to(out.dtype))
+            layer_stats.add_expert_outputs(
+                expert, f_e.detach().to(torch.float64).numpy(), weights64[token, slot].numpy()
+            )
+        return out
+
+    return types.MethodType(forward, experts)
+
+
+@contextlib.contextmanager
+def recording_experts(model: nn.Module, stats: dict[int, LayerStats]) -> Iterator[None]:
+    """Swap an instrumented forward into every MoE layer's experts; always restore the original ones."""
+    _, layers = moe_layers_or_error(model)
+    patched: list[MoeLayer] = []
+    try:
+        for layer in layers:
+            layer.experts.forward = _instrumented_forward(stats[layer.index], layer.experts)
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            # The instance attribute shadows the class forward; deleting it restores the original.
+            del layer.experts.forward
+
+
+def _check_unpruned(layers: list[MoeLayer]) -> None:
+    for layer in layers:
+        if not hasattr(layer.experts, "gate_up_proj") or getattr(layer.experts, "is_pruned", False):
+            raise UsageError(
+                f"layer {layer.index} is already pruned; collect statistics on the original model "
+                "(load it again) and apply the plan afterwards."
+            )
+
+
+def collect_stats(
+    model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True, calibration: dict | None = None
+) -> ExpertStats:
+    """Run ``batches`` (LongTensor ``[B, S]`` token ids, no padding) through ``model`` and return exact expert statistics.
+
+    Args:
+        model: a transformers causal LM of a supported MoE family, unpruned.
+        batches: calibration token batches (see :func:`mone_export.calibration_batches`).
+        progress: show a tqdm progress bar.
+        calibration: a description of the data, kept in the stats and the plan.
+    """
+    adapter, layers = moe_layers_or_error(model)
+    _check_unpruned(layers)
+    stats = {
+        layer.index: LayerStats(layer.num_experts, layer.hidden_size, layer.top_k) for layer in layers
+    }
+    batches = list(batches)
+    if not batches:
+        raise UsageError("no calibration batches were given; pass at least one [B, S] token batch.")
+    device = next(model.parameters()).device
+    with recording_experts(model, stats), torch.inference_mode():
+        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            model(input_ids=batch.to(device), use_cache=False)
+    tokens = sum(int(b.numel()) for b in batches)
+    logger.info("collected expert statistics over %d tokens in %d MoE layers", tokens, len(stats))
+    info = dict(calibration or {})
+    info.setdefault("tokens", tokens)
+    return ExpertStats(adapter.model_type, int(model.config.num_hidden_layers), stats, info)
