@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     quiet = getattr(args, "quiet", False)
     _configure_logging(quiet)
-    _quiet_libraries()
+    _quiet_libraries(quiet)
     try:
         report = command.run(args)
     except UsageError as exc:
@@ -182,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     return int(report.get("exit_code", 0))
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(quiet: bool) -> None:
     import warnings
 
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
