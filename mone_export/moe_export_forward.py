@@ -1,0 +1,126 @@
+"""An export-friendly routed-experts forward that traces to the canonical dispatch form (SPEC §3).
+
+transformers' eager experts loop only visits the experts some token selected (``expert_hit``), a data-dependent
+Python loop that a tracer freezes to the example input. :func:`export_friendly_moe` swaps, for the duration of an
+export, every MoE layer's experts forward for :func:`canonical_dispatch`, which emits one branch per routed
+expert whatever the input, in the form the graph passes (``graph_passes``) recognise. For ``x [T, H]`` and the
+routing weights the model actually applies, ``W [T, E]`` (the router's top-k weights scattered into zeros)::
+
+    col_e = Gather(W, e, axis=1)                         # e: int64 scalar constant
+    nz_e  = NonZero(Greater(col_e, 0))                   # [1, n]: the tokens that selected e
+    idx_e = Transpose(nz_e, perm=[1, 0])                 # [n, 1]
+    tok_e = Squeeze(nz_e, axes=[0])                      # [n]
+    w_e   = Unsqueeze(Gather(col_e, tok_e, axis=0), axes=[1])
+    real expert:  upd_e = Mul(expert_mlp(Gather(x, tok_e, axis=0)), w_e)
+    novice:       upd_e = Mul(w_e, C_e)                  # C_e [H]: the novice's constant output
+    acc = ScatterND(acc, idx_e, upd_e, reduction="add")  # acc starts as zeros [T, H]
+
+So each token pays only for the experts it selected (sparse dispatch), a token routed only to novices runs no
+expert matrix product, and the router runs unchanged (it is traced as is). The torch exporter emits slightly
+different but equivalent ops for ``nonzero``/``index_put``; :func:`mone_export.onnx_utils.canonicalize_dispatch`
+rewrites them into exactly the form above.
+
+Routing weights are assumed non-negative (softmax or sigmoid gates, positive scaling): a selected expert with
+weight exactly 0 contributes ``0 · f_e(x) = 0`` and is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from mone_export.adapters import expert_forward, moe_layers_or_error
+
+__all__ = ["canonical_dispatch", "export_friendly_moe", "export_forward_for"]
+
+ExpertFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def canonical_dispatch(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    real: Mapping[int, ExpertFn],
+    novices: Mapping[int, torch.Tensor],
+) -> torch.Tensor:
+    """Σ_e g_e(x)·f_e(x) over a layer's routed experts, one branch per expert, in the canonical dispatch form.
+
+    Args:
+        hidden_states: ``[T, H]`` tokens entering the experts.
+        top_k_index, top_k_weights: ``[T, k]`` the router's selection and the weights the model applies.
+        num_experts: E, the width of the routing space.
+        real: expert index → its raw output function f_e on ``[n, H]``.
+        novices: expert index → its constant output ``[H]`` (a novice).
+
+    Every index in ``range(num_experts)`` must be in exactly one of ``real`` and ``novices``.
+    """
+    dtype = hidden_states.dtype
+    weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
+    weights = weights.scatter(1, top_k_index, top_k_weights)
+    if weights.dtype != dtype:
+        weights = weights.to(dtype)
+    acc = torch.zeros_like(hidden_states)
+    for expert in range(num_experts):
+        column = weights[:, expert]
+        hit = torch.nonzero(column > 0)  # [n, 1]
+        token = hit[:, 0]
+        w = column[token].unsqueeze(1)
+        if expert in novices:
+            update = w * novices[expert].to(dtype)
+        else:
+            update = real[expert](hidden_states[token]).to(dtype) * w
+        acc = acc.index_put((token,), update, accumulate=True)
+    return acc
+
+
+def _stock_forward(self, hidden_states, top_k_index, top_k_weights):
+    num_experts = int(self.gate_up_proj.shape[0])
+    real = {e: (lambda x, e=e: expert_forward(self, e, x)) for e in range(num_experts)}
+    return canonical_dispatch(hidden_states, top_k_index, top_k_weights, num_experts, real, {})
+
+
+def _novice_forward(self, hidden_states, top_k_index, top_k_weights):
+    real = {e: (lambda x, slot=slot: expert_forward(self, slot, x)) for slot, e in enumerate(self.real_ids)}
+    novices = {e: self.novice_means[row] for row, e in enumerate(self.novice_ids)}
+    return canonical_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, real, novices)
+
+
+def export_forward_for(experts: nn.Module):
+    """The canonical-dispatch forward for one experts module (stock fused experts or ``NoviceExperts``)."""
+    if getattr(experts, "is_pruned", False) and hasattr(experts, "novice_ids"):
+        return types.MethodType(_novice_forward, experts)
+    if hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
+        return types.MethodType(_stock_forward, experts)
+    raise TypeError(f"{type(experts).__name__} is not a fused experts module (no gate_up_proj/down_proj).")
+
+
+@contextlib.contextmanager
+def export_friendly_moe(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every MoE layer's experts run :func:`canonical_dispatch`; the originals come back on exit.
+
+    The swapped forward is an instance attribute shadowing the class forward; on exit (also after an exception)
+    it is deleted, or the instance forward that was there before is put back.
+    """
+    _, layers = moe_layers_or_error(model)
+    patched: list[tuple[nn.Module, object]] = []
+    try:
+        for layer in layers:
+            experts = layer.experts
+            previous = experts.__dict__.get("forward", _MISSING)
+            experts.forward = export_forward_for(experts)
+            patched.append((experts, previous))
+        yield model
+    finally:
+        for experts, previous in reversed(patched):
+            if previous is _MISSING:
+                del experts.forward
+            else:
+                experts.forward = previous
+
+
+_MISSING = object()

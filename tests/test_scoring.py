@@ -1,0 +1,149 @@
+"""Scores and selection rules (SPEC §1) on hand-made statistics, where the right answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mone_export import plan_pruning
+from mone_export.errors import UsageError
+from mone_export.scoring import METHODS
+from mone_export.stats import ExpertStats, LayerStats
+
+
+def layer_from(g, counts, means, variances, top_k=2, n=100):
+    """LayerStats with given routing sums, counts, means [E,H] and per-dim variances [E,H]."""
+    e, h = np.asarray(means).shape
+    layer = LayerStats(e, h, top_k)
+    layer.num_tokens = n
+    layer.routing_sum = np.asarray(g, dtype=float) * n
+    layer.count = np.asarray(counts, dtype=np.int64)
+    layer.mean = np.asarray(means, dtype=float)
+    layer.m2 = np.asarray(variances, dtype=float) * np.maximum(layer.count - 1, 0)[:, None]
+    layer.reap_sum = np.arange(1, e + 1, dtype=float)[::-1] * layer.count  # reap_e = E - e
+    return layer
+
+
+def stats_of(*layers):
+    return ExpertStats("mixtral", len(layers) + 1, {i + 1: l for i, l in enumerate(layers)})
+
+
+def four_expert_layer(**kw):
+    # routing scores .4 .3 .2 .1 ; spreads phi = 1, 4, 1, 3 -> mone scores .4 1.2 .2 .3
+    return layer_from(
+        g=[0.4, 0.3, 0.2, 0.1],
+        counts=[60, 50, 40, 50],
+        means=[[1, 0], [2, 0], [3, 0], [4, 0]],
+        variances=[[1, 0], [16, 0], [0.5, 0.5], [9, 0]],
+        **kw,
+    )
+
+
+def test_mone_scores_are_routing_times_spread():
+    stats = stats_of(four_expert_layer())
+    plan = plan_pruning(stats, 0.5, "mone")
+    np.testing.assert_allclose(plan.experts[1]["score"], [0.4, 1.2, 0.2, 0.3])
+    assert plan.pruned == {1: [2, 3]}
+    torch.testing.assert_close(plan.novices[1], torch.tensor([[3.0, 0.0], [4.0, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    "method, pruned",
+    [("frequency", [1, 2]), ("routing-score", [2, 3]), ("reap", [2, 3]), ("mone-zero", [2, 3])],
+)
+def test_baseline_selection(method, pruned):
+    stats = stats_of(four_expert_layer())
+    plan = plan_pruning(stats, 0.5, method)
+    assert plan.pruned == {1: pruned}
+    if method == "mone-zero":
+        assert torch.equal(plan.novices[1], torch.zeros(2, 2))
+    else:
+        assert plan.novices == {} and plan.replacement == "remove"
+
+
+def test_frequency_ties_break_by_lower_index():
+    # counts 60 50 40 50 -> 2 first, then the tie between 1 and 3 goes to 1.
+    assert plan_pruning(stats_of(four_expert_layer(top_k=1)), 0.5, "frequency").pruned == {1: [1, 2]}
+    layer = layer_from(g=[.25] * 4, counts=[5, 5, 5, 5], means=np.zeros((4, 1)), variances=np.zeros((4, 1)), top_k=1)
+    assert plan_pruning(stats_of(layer), 0.5, "frequency").pruned == {1: [0, 1]}
+
+
+def test_floor_of_ratio_times_experts():
+    layer = layer_from(g=np.linspace(.1, .2, 7), counts=[9] * 7, means=np.zeros((7, 1)), variances=np.ones((7, 1)), top_k=1)
+    for ratio in (0.0, 0.1, 0.14, 0.15, 0.5, 0.99):
+        plan = plan_pruning(stats_of(layer), ratio, "mone")
+        assert len(plan.pruned[1]) == math.floor(ratio * 7)
+
+
+def test_ratio_zero_prunes_nothing():
+    plan = plan_pruning(stats_of(four_expert_layer()), 0.0, "mone")
+    assert plan.pruned == {1: []} and plan.num_pruned == 0
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
+def test_ratio_outside_range(ratio):
+    with pytest.raises(UsageError, match=r"outside \[0, 1\)"):
+        plan_pruning(stats_of(four_expert_layer()), ratio)
+
+
+def test_removal_must_keep_top_k():
+    stats = stats_of(four_expert_layer(top_k=3))
+    with pytest.raises(UsageError, match="fewer than top_k=3"):
+        plan_pruning(stats, 0.5, "frequency")
+    assert plan_pruning(stats, 0.5, "mone").pruned == {1: [2, 3]}  # novices keep the router: fine
+
+
+def test_unknown_method_and_scope():
+    stats = stats_of(four_expert_layer())
+    with pytest.raises(UsageError, match="unknown method 'magic'.*mone, mone-zero"):
+        plan_pruning(stats, 0.5, "magic")
+    with pytest.raises(UsageError, match="unknown scope 'model'.*layer, global"):
+        plan_pruning(stats, 0.5, scope="model")
+
+
+def test_global_scope_normalises_per_layer_and_keeps_one():
+    a = four_expert_layer()  # mone scores .4 1.2 .2 .3, mean .525
+    b = layer_from(  # scores 100x larger but same shape: raw ranking would never pick from b
+        g=[0.4, 0.3, 0.2, 0.1], counts=[60, 50, 40, 50], means=np.zeros((4, 2)),
+        variances=[[1e4, 0], [16e4, 0], [0.5e4, 0.5e4], [9e4, 0]],
+    )
+    plan = plan_pruning(stats_of(a, b), 0.5, "mone", scope="global")
+    # Normalised scores are equal in both layers; total = 2 + 2; ties by (layer, expert) order.
+    assert plan.pruned == {1: [2, 3], 2: [2, 3]}
+    # Skewed: layer 2's normalised scores lower for all but one expert -> layer 2 loses up to E-1.
+    c = layer_from(g=[0.4, 0.001, 0.001, 0.001], counts=[9] * 4, means=np.zeros((4, 2)), variances=np.ones((4, 2)))
+    plan = plan_pruning(stats_of(a, c), 0.5, "mone", scope="global")
+    assert plan.pruned[2] == [1, 2, 3] and plan.pruned[1] == [2]
+    assert sum(len(v) for v in plan.pruned.values()) == 4
+
+
+def test_global_scope_removal_keeps_top_k():
+    a = four_expert_layer(top_k=2)
+    c = layer_from(g=[0.4, 0.001, 0.001, 0.001], counts=[9] * 4, means=np.zeros((4, 2)), variances=np.ones((4, 2)))
+    plan = plan_pruning(stats_of(a, c), 0.5, "routing-score", scope="global")
+    assert len(plan.pruned[2]) == 2 and len(plan.pruned[1]) == 2
+
+
+def test_random_is_seeded():
+    stats = stats_of(four_expert_layer(), four_expert_layer())
+    first = plan_pruning(stats, 0.5, "random", seed=3)
+    assert first.pruned == plan_pruning(stats, 0.5, "random", seed=3).pruned
+    picks = {str(plan_pruning(stats, 0.5, "random", seed=s).pruned) for s in range(8)}
+    assert len(picks) > 1
+    rng = np.random.default_rng(3)
+    expected = [sorted(np.argsort(rng.random(4), kind="stable")[:2].tolist()) for _ in range(2)]
+    assert [first.pruned[1], first.pruned[2]] == expected
+
+
+def test_every_method_is_known():
+    assert set(METHODS) == {"mone", "mone-zero", "frequency", "routing-score", "reap", "random"}
+
+
+def test_unused_expert_has_zero_stats():
+    layer = LayerStats(3, 2, 1)
+    layer.num_tokens = 10
+    layer.add_expert_outputs(0, np.ones((4, 2)), np.ones(4))
+    assert layer.var[1].tolist() == [0, 0] and layer.mean[1].tolist() == [0, 0] and layer.reap[1] == 0
+    layer.add_expert_outputs(2, np.ones((1, 2)), np.ones(1))
+    assert layer.var[2].tolist() == [0, 0]  # count 1: variance 0
