@@ -298,13 +298,13 @@ rules = RewriteRuleSet([*_NOVICE_RULES, BiasPastScatterAdd.rule(), MergeNoviceBi
 
 
 def _node_label(node: ir.Node) -> str:
-    return node.name or node.outputs[0].name or str(node)
+    return node.outputs[0].name or node.name or str(node)
 
 
 def explain_novice_mismatches(model: ir.Model) -> dict[str, str]:
     """Why each ScatterND of the main graph is not a novice branch.
 
-    Returns ``{ScatterND node name (or its output name): reason}`` for every
+    Returns ``{ScatterND output name (or node name): reason}`` for every
     ScatterND that :class:`NoviceScatterToBias` does not match, with the
     reason of the best (deepest) of the two ``Mul`` orders.  A real expert
     branch reads "... the other Mul operand is not a constant ...".  Does not

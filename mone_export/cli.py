@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoneError as exc:
         print(f"mone-export {command.name}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"mone-export {command.name}: error: {exc}; nothing was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

@@ -40,6 +40,37 @@ __all__ = ["canonical_dispatch", "export_friendly_moe", "export_forward_for"]
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _TokensOf(torch.autograd.Function):
+    """``(idx [n, 1], tok [n])``: the tokens whose routing weight in ``column [T]`` is above ``zero``.
+
+    Exported as ``nz = NonZero(Greater(column, zero)); idx = Transpose(nz, [1, 0]); tok = Squeeze(nz, [0])``.
+    """
+
+    @staticmethod
+    def forward(ctx, column, zero):
+        idx = torch.nonzero(column > zero)
+        return idx, idx[:, 0]
+
+    @staticmethod
+    def symbolic(g, column, zero):
+        nz = g.op("NonZero", g.op("Greater", column, zero))
+        idx = g.op("Transpose", nz, perm_i=[1, 0])
+        tok = g.op("Squeeze", nz, g.op("Constant", value_t=torch.tensor([0], dtype=torch.int64)))
+        return idx, tok
+
+
+class _ScatterAdd(torch.autograd.Function):
+    """``acc`` with ``update [n, H]`` added at rows ``idx [n, 1]``: exported as ``ScatterND(reduction="add")``."""
+
+    @staticmethod
+    def forward(ctx, acc, idx, update):
+        return acc.index_put((idx[:, 0],), update, accumulate=True)
+
+    @staticmethod
+    def symbolic(g, acc, idx, update):
+        return g.op("ScatterND", acc, idx, update, reduction_s="add")
+
+
 def canonical_dispatch(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -57,24 +88,30 @@ def canonical_dispatch(
         real: expert index → its raw output function f_e on ``[n, H]``.
         novices: expert index → its constant output ``[H]`` (a novice).
 
-    Every index in ``range(num_experts)`` must be in exactly one of ``real`` and ``novices``.
+    Every index in ``range(num_experts)`` must be in exactly one of ``real`` and ``novices``. The routing weights
+    are cast to the hidden dtype (a no-op in fp32; in fp16 the products are taken in fp16).
     """
+    missing = [e for e in range(num_experts) if (e in real) == (e in novices)]
+    if missing:
+        raise ValueError(f"experts {missing} must be either real or novice (exactly one).")
     dtype = hidden_states.dtype
     weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
     weights = weights.scatter(1, top_k_index, top_k_weights)
     if weights.dtype != dtype:
         weights = weights.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=hidden_states.device)
     acc = torch.zeros_like(hidden_states)
     for expert in range(num_experts):
         column = weights[:, expert]
-        hit = torch.nonzero(column > 0)  # [n, 1]
-        token = hit[:, 0]
+        idx, token = _TokensOf.apply(column, zero)
         w = column[token].unsqueeze(1)
         if expert in novices:
-            update = w * novices[expert].to(dtype)
+            constant = novices[expert]
+            update = w * (constant if constant.dtype == dtype else constant.to(dtype))
         else:
-            update = real[expert](hidden_states[token]).to(dtype) * w
-        acc = acc.index_put((token,), update, accumulate=True)
+            out = real[expert](hidden_states[token])
+            update = (out if out.dtype == dtype else out.to(dtype)) * w
+        acc = _ScatterAdd.apply(acc, idx, update)
     return acc
 
 
