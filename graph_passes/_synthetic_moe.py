@@ -16,6 +16,7 @@ Not a test module (pytest collects ``*_test.py`` only).
 from __future__ import annotations
 
 __all__ = [
+    "NEAR_MISSES",
     "SyntheticMoE",
     "build_moe_model",
     "routing_weights_name",

@@ -56,7 +56,8 @@ def test_folds_small_constants_but_not_weights():
     transpose = ir.node("Transpose", [big], {"perm": [1, 0]})
     matmul = ir.node("MatMul", [x, transpose.outputs[0]])
     scale = ir.node("Mul", [a, b])  # small and constant: folded
-    out = ir.node("Add", [matmul.outputs[0], scale.outputs[0]], outputs=[ir.val("y", ir.DataType.FLOAT, ["N", 64])])
+    y = ir.val("y", ir.DataType.FLOAT, ["N", 64])
+    out = ir.node("Add", [matmul.outputs[0], scale.outputs[0]], outputs=[y])
     model = _model([transpose, matmul, scale, out], [x], out.outputs, [big, a, b])
 
     assert cleanup_passes()(model).modified

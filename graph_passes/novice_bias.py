@@ -49,8 +49,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus
-from onnxscript.rewriter.pattern import PatternBase, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.pattern import (
+    MatchingTracer,
+    MatchResult,
+    MatchStatus,
+    PatternBase,
+    RewriteRuleClassBase,
+    RewriteRuleSet,
+)
 
 from graph_passes._graph_utils import Liveness, const_array, is_onnx_op, value_names
 
@@ -130,14 +136,16 @@ def _check_dispatch(
     if threshold.size != 1 or threshold.ravel()[0] != 0:
         return _fail(f"tokens are selected by Greater(column, {threshold}), not > 0", zero)
     if _axes(squeeze_axes) != [0]:
-        return _fail(f"Squeeze axes of the NonZero output are not [0]", squeeze_axes)
+        return _fail("Squeeze axes of the NonZero output are not [0]", squeeze_axes)
     if token_weights.producer().attributes.get_int("axis", 0) != 0:
         return _fail("the Gather of the selected tokens' weights is not on axis 0", token_weights)
     if _axes(unsqueeze_axes) not in ([1], [-1]):
         return _fail("the routing weights are not unsqueezed on axis 1", unsqueeze_axes)
     perm = scatter_indices.producer().attributes.get_ints("perm", None)
     if perm is not None and list(perm) != [1, 0]:
-        return _fail(f"the scatter indices are Transpose(perm={list(perm)}), not [1, 0]", scatter_indices)
+        return _fail(
+            f"the scatter indices are Transpose(perm={list(perm)}), not [1, 0]", scatter_indices
+        )
     return MatchResult()
 
 
@@ -150,7 +158,9 @@ def _novice_constant(other: ir.Value) -> tuple[np.ndarray | None, MatchResult]:
             other,
         )
     if not (c.ndim == 1 or (c.ndim == 2 and c.shape[0] == 1)):
-        return None, _fail(f"the novice constant has shape {list(c.shape)}, expected [H] or [1, H]", other)
+        return None, _fail(
+            f"the novice constant has shape {list(c.shape)}, expected [H] or [1, H]", other
+        )
     if not np.all(np.isfinite(c.astype(np.float64))):
         return None, _fail("the novice constant has non-finite entries (0 * inf is not 0)", other)
     return c.reshape(1, -1), MatchResult()
@@ -240,8 +250,21 @@ class NoviceScatterToBias(RewriteRuleClassBase):
         return op.Add(acc, op.MatMul(op.Gather(W, ids_value, axis=1), table_value))
 
 
+def _shapes_conflict(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """True only if the shapes are known to differ (symbolic dims may be equal)."""
+    if a is None or b is None:
+        return False
+    if len(a) != len(b):
+        return True
+    return any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b))
+
+
 class BiasPastScatterAdd(RewriteRuleClassBase):
-    """Rule 2: ``ScatterND(Add(acc, bias), i, u, "add")`` -> ``Add(ScatterND(acc, i, u, "add"), bias)``."""
+    """Rule 2: move a bias past an additive scatter (which is linear in its data).
+
+    ``ScatterND(Add(acc, bias), i, u, "add")`` -> ``Add(ScatterND(acc, i, u, "add"), bias)``;
+    ``bias`` must be a novice bias term, so only this pass's own ``Add``s move.
+    """
 
     def pattern(self, op, acc, bias, indices, updates):
         return op.ScatterND(op.Add(acc, bias), indices, updates)
@@ -251,9 +274,13 @@ class BiasPastScatterAdd(RewriteRuleClassBase):
         if not result:
             return result
         if _as_novice_bias(bias) is None:
-            return _fail("the added term is not a novice bias MatMul(Gather(W, ids, axis=1), C)", bias)
-        if acc.shape is not None and bias.shape is not None and acc.shape != bias.shape:
-            return _fail(f"bias shape {bias.shape} differs from accumulator shape {acc.shape}", bias)
+            return _fail(
+                "the added term is not a novice bias MatMul(Gather(W, ids, axis=1), C)", bias
+            )
+        if _shapes_conflict(acc.shape, bias.shape):
+            return _fail(
+                f"bias shape {bias.shape} differs from accumulator shape {acc.shape}", bias
+            )
         return MatchResult()
 
     def rewrite(self, op, acc, bias, indices, updates, **_):
@@ -344,11 +371,12 @@ def explain_novice_mismatches(model: ir.Model) -> dict[str, str]:
 # ---------------------------------------------------------------------------
 
 
-def _constant_annotations(graph: ir.Graph):
+def _constant_annotations(model: ir.Model):
     """What the rewriter's constant propagation sets on Constant outputs (to undo it)."""
+    nodes = [*model.graph, *(n for f in model.functions.values() for n in f)]
     return [
         (out, out.const_value, out.type, out.shape)
-        for node in graph
+        for node in nodes
         if is_onnx_op(node, "Constant")
         for out in node.outputs
     ]
@@ -373,6 +401,11 @@ class NoviceBranchesToBiasPass(ir.passes.InPlacePass):
     The novices' dispatch nodes are removed, and so is whatever only they
     used (their ``C_e``); nothing else is touched.
 
+    A bias is never moved past a scatter that is not additive (it would not
+    be exact), so a chain interrupted by one gets one bias per segment.  Bias
+    initializers are created in the main graph (the rules also run inside
+    model-local functions, where the biases stay ``Constant`` nodes).
+
     Args:
         max_iterations: bound on the rewrite fixpoint loop (each iteration is
             one sweep of :data:`rules` over the graph).
@@ -386,7 +419,7 @@ class NoviceBranchesToBiasPass(ir.passes.InPlacePass):
         graph = model.graph
         liveness = Liveness(graph)
         existing_nodes = set(graph)
-        annotations = _constant_annotations(graph)
+        annotations = _constant_annotations(model)
 
         count = 0
         for _ in range(self.max_iterations):
@@ -395,7 +428,9 @@ class NoviceBranchesToBiasPass(ir.passes.InPlacePass):
             if not applied:
                 break
         else:
-            logger.warning("NoviceBranchesToBiasPass: no fixpoint after %s sweeps", self.max_iterations)
+            logger.warning(
+                "NoviceBranchesToBiasPass: no fixpoint after %s sweeps", self.max_iterations
+            )
 
         if not count:
             _restore_annotations(annotations)
@@ -548,7 +583,9 @@ class ExpertsToNovicesPass(ir.passes.InPlacePass):
                 if array.ndim == 2 and array.shape[0] == 1:
                     array = array[0]
                 if array.ndim != 1:
-                    raise ValueError(f"novice {w_name!r}[{expert}] must be a vector [H], got {array.shape}")
+                    raise ValueError(
+                        f"novice {w_name!r}[{expert}] must be a vector [H], got {array.shape}"
+                    )
                 if not np.all(np.isfinite(array.astype(np.float64))):
                     raise ValueError(f"novice {w_name!r}[{expert}] has non-finite entries")
                 plan.setdefault(str(w_name), {})[int(expert)] = array

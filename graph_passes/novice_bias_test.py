@@ -121,7 +121,9 @@ def test_no_dispatch_remains_for_novices(novice_model):
     assert routers <= outside
     assert len(outside - routers) == len(NOVICES)
     bias_outputs = {
-        n.outputs[0].name for n in model.graph if n.op_type == "MatMul" and "novice_bias" in n.inputs[1].name
+        n.outputs[0].name
+        for n in model.graph
+        if n.op_type == "MatMul" and "novice_bias" in n.inputs[1].name
     }
     assert outside - routers == bias_outputs
 
@@ -254,9 +256,10 @@ def test_fp16_graph():
 
 
 def _plan(m: moe.SyntheticMoE, novices=NOVICES) -> dict[str, dict[int, np.ndarray]]:
+    names = [moe.routing_weights_name(layer) for layer in range(len(novices))]
     return {
-        moe.routing_weights_name(layer): {e: m.expert_means[moe.routing_weights_name(layer)][e] for e in experts}
-        for layer, experts in enumerate(novices)
+        name: {e: m.expert_means[name][e] for e in experts}
+        for name, experts in zip(names, novices)
     }
 
 
@@ -306,7 +309,10 @@ def test_experts_to_novices_replaces_a_novice_vector():
     ("plan", "message"),
     [
         ({"no.such.value": {0: np.zeros(8)}}, "no value named 'no.such.value'"),
-        ({moe.routing_weights_name(0): {7: np.zeros(8)}}, "no canonical dispatch branch for expert 7"),
+        (
+            {moe.routing_weights_name(0): {7: np.zeros(8)}},
+            "no canonical dispatch branch for expert 7",
+        ),
     ],
 )
 def test_experts_to_novices_unknown_branch_is_an_error(plan, message):
