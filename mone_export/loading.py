@@ -216,12 +216,14 @@ def _is_standard_checkpoint(model, plan: PruningPlan) -> bool:
     return len({layer.num_experts for layer in layers}) == 1
 
 
-def save_pruned(model, tokenizer, plan: PruningPlan, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, plan: PruningPlan, out_dir: str | os.PathLike, overwrite: bool = False,
+                extra_files=None) -> Path:
     """Write a pruned model, its tokenizer and its plan to ``out_dir`` (atomically).
 
     Removal plans that leave one expert count everywhere give a standard HF checkpoint with fewer experts.
     Novice models (and uneven removals) are written with :data:`PRUNED_MARKER` and reload through
     :func:`load_model` into the identical model; plain transformers refuses them rather than misloading.
+    ``extra_files(folder)``, if given, writes more files (reports) before the folder is moved into place.
     """
     from safetensors.torch import save_model as save_safetensors
 
@@ -248,6 +250,8 @@ def save_pruned(model, tokenizer, plan: PruningPlan, out_dir: str | os.PathLike,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         plan.save(tmp / PLAN_SUBDIR)
+        if extra_files is not None:
+            extra_files(tmp)
     return Path(out_dir)
 
 

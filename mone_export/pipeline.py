@@ -12,6 +12,7 @@ import torch
 
 from mone_export.calibration import calibration_batches, describe_source
 from mone_export.errors import UsageError
+from mone_export.experts_plot import plot_experts
 from mone_export.loading import check_output_dir, load_model, save_pruned
 from mone_export.novices import apply_plan
 from mone_export.scoring import SCOPES, check_ratio_feasible, method_or_error, plan_pruning
@@ -92,7 +93,11 @@ def prune(model: str, ratio: float, output: str, method: str = "mone", scope: st
         "parameter_bytes_before": before,
         "parameter_bytes_after": parameter_bytes(loaded),
     }
-    save_pruned(loaded, tokenizer, plan, output, overwrite=overwrite)
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    (Path(output) / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    def write_reports(folder: Path) -> None:
+        plot_experts(plan, folder / "experts.png")
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    save_pruned(loaded, tokenizer, plan, output, overwrite=overwrite, extra_files=write_reports)
     return report

@@ -186,6 +186,7 @@ def expert_tokens(model: torch.nn.Module, batches: list[torch.LongTensor], token
         tops = {}
         for e in range(num_e):
             order = torch.argsort(lift[:, e], descending=True, stable=True)[:top]
+            order = [int(i) for i in order if lift[i, e] > 0]  # an expert that is never top-1 has no tokens
             tops[str(e)] = [tokenizer.decode([int(kept_ids[i])]) for i in order]
         result[layer.index] = {"token_purity": purity, "baseline": float(marginal.max()), "top_tokens": tops}
     return result

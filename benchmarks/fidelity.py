@@ -1,0 +1,192 @@
+"""Fidelity benchmark: does MoNE lose less than the expert-pruning baselines, and by how much?
+
+    python benchmarks/fidelity.py                     # full grid on the four bundled models
+    python benchmarks/fidelity.py --models mixtral --ratios 0.5 --methods mone frequency --samples 8
+
+For every bundled model × ratio × calibration source × calibration samples × method, the pruned model is
+scored on the held-out splits of both built-in sources: perplexity, and top-1 next-token agreement with
+the unpruned model. Statistics are collected once per (model, source, samples) and shared by the methods.
+The random baseline is averaged over three seeds. Writes ``fidelity.json``, ``fidelity.md`` and
+``fidelity.png`` into ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mone_export import apply_plan, calibration_batches, collect_stats, load_model, plan_pruning
+from mone_export.evaluate import EVAL_SETTINGS, eval_batches
+from mone_export.loading import BUNDLED_MODELS
+
+METHODS = ["mone", "mone-zero", "frequency", "routing-score", "reap", "random"]
+SOURCES = ["python-code", "python-docs"]
+RANDOM_SEEDS = [0, 1, 2]
+
+
+@torch.inference_mode()
+def score(model, batches, reference_top1=None) -> dict:
+    """Perplexity over ``batches`` and, with ``reference_top1``, the share of positions whose argmax agrees."""
+    total, count, agree, top1 = 0.0, 0, 0, []
+    for i, batch in enumerate(batches):
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].to(torch.float64)
+        targets = batch[:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+        pred = logits.argmax(-1)
+        top1.append(pred)
+        if reference_top1 is not None:
+            agree += int((pred == reference_top1[i]).sum())
+    result = {"ppl": float(torch.tensor(total / count).exp()), "tokens": count, "top1": top1}
+    if reference_top1 is not None:
+        result["agreement"] = agree / count
+    return result
+
+
+def evaluate(model, held_out, reference) -> dict:
+    """Perplexity and agreement on each source's held-out chunks."""
+    out = {}
+    for source, batches in held_out.items():
+        r = score(model, batches, reference[source]["top1"])
+        out[source] = {"ppl": r["ppl"], "agreement": r["agreement"]}
+    return out
+
+
+def run_model(name, args, log) -> list[dict]:
+    model, tokenizer = load_model(name)
+    held_out = {s: eval_batches(tokenizer, s, **{k: v for k, v in EVAL_SETTINGS.items() if k != "split"})
+                for s in SOURCES}
+    reference = {s: score(model, b) for s, b in held_out.items()}
+    rows = [{"model": name, "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
+             **{f"{s}_ppl": reference[s]["ppl"] for s in SOURCES}, **{f"{s}_agreement": 1.0 for s in SOURCES}}]
+    log.info("%s unpruned: %s", name, {s: round(reference[s]["ppl"], 3) for s in SOURCES})
+    for calib in args.calib:
+        for samples in args.samples:
+            batches = calibration_batches(calib, tokenizer, samples, args.seq_len, seed=0)
+            stats = collect_stats(model, batches, progress=False)
+            for ratio in args.ratios:
+                for method in args.methods:
+                    seeds = RANDOM_SEEDS if method == "random" else [0]
+                    results = []
+                    for seed in seeds:
+                        plan = plan_pruning(stats, ratio, method=method, seed=seed)
+                        pruned = apply_plan(copy.deepcopy(model), plan)
+                        results.append(evaluate(pruned, held_out, reference))
+                    row = {"model": name, "ratio": ratio, "method": method, "calib": calib, "samples": samples}
+                    for s in SOURCES:
+                        row[f"{s}_ppl"] = statistics.mean(r[s]["ppl"] for r in results)
+                        row[f"{s}_agreement"] = statistics.mean(r[s]["agreement"] for r in results)
+                    rows.append(row)
+                    log.info("%s r=%s %s/%d %-13s ppl %s", name, ratio, calib, samples, method,
+                             {s: round(row[f"{s}_ppl"], 3) for s in SOURCES})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per model and ratio: mean over calibration settings, plus MoNE's rank among the methods."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        base = next(r for r in rows if r["model"] == name and r["method"] == "unpruned")
+        lines.append(f"\n**{name}** (unpruned held-out ppl: code {base['python-code_ppl']:.3f}, "
+                     f"docs {base['python-docs_ppl']:.3f})\n")
+        lines.append("| ratio | method | ppl code | ppl docs | Δppl code | Δppl docs | top-1 agree code | top-1 agree docs |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for ratio in sorted({r["ratio"] for r in rows if r["model"] == name and r["ratio"] > 0}):
+            for method in METHODS:
+                sel = [r for r in rows if r["model"] == name and r["ratio"] == ratio and r["method"] == method]
+                if not sel:
+                    continue
+                mean = {k: statistics.mean(r[k] for r in sel) for k in sel[0] if k.endswith(("_ppl", "_agreement"))}
+                lines.append(
+                    f"| {ratio} | {method} | {mean['python-code_ppl']:.3f} | {mean['python-docs_ppl']:.3f} | "
+                    f"{mean['python-code_ppl'] - base['python-code_ppl']:+.3f} | "
+                    f"{mean['python-docs_ppl'] - base['python-docs_ppl']:+.3f} | "
+                    f"{mean['python-code_agreement']:.3f} | {mean['python-docs_agreement']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def wins(rows: list[dict]) -> dict:
+    """How often MoNE has the lowest perplexity among all methods, per model, over every setting and source."""
+    out = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        won = total = 0
+        settings = {(r["ratio"], r["calib"], r["samples"]) for r in rows if r["model"] == name and r["ratio"] > 0}
+        for ratio, calib, samples in settings:
+            sel = [r for r in rows if r["model"] == name and (r["ratio"], r["calib"], r["samples"]) == (ratio, calib, samples)]
+            for s in SOURCES:
+                best = min(sel, key=lambda r: r[f"{s}_ppl"])
+                won += best["method"] == "mone"
+                total += 1
+        out[name] = {"mone_best": won, "settings": total}
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity increase (code held-out) by method, one panel per model and ratio, bars = mean over settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0})
+    fig, axes = plt.subplots(len(ratios), len(models), figsize=(3.2 * len(models), 2.8 * len(ratios)), squeeze=False)
+    for j, name in enumerate(models):
+        base = next(r for r in rows if r["model"] == name and r["method"] == "unpruned")
+        for i, ratio in enumerate(ratios):
+            ax = axes[i][j]
+            for k, s in enumerate(SOURCES):
+                values = []
+                for method in METHODS:
+                    sel = [r[f"{s}_ppl"] - base[f"{s}_ppl"] for r in rows
+                           if r["model"] == name and r["ratio"] == ratio and r["method"] == method]
+                    values.append(statistics.mean(sel) if sel else 0.0)
+                ax.bar([x + 0.4 * k for x in range(len(METHODS))], values, width=0.4, label=s)
+            ax.set_xticks([x + 0.2 for x in range(len(METHODS))], METHODS, rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{name}, ratio {ratio}", fontsize=9)
+            ax.set_ylabel("Δ perplexity", fontsize=8)
+            ax.set_yscale("symlog", linthresh=0.1)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(BUNDLED_MODELS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--calib", nargs="+", default=SOURCES)
+    parser.add_argument("--samples", nargs="+", type=int, default=[8, 32, 128])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("fidelity")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    rows = [row for name in args.models for row in run_model(name, args, log)]
+    result = {"settings": {**vars(args), "eval": EVAL_SETTINGS, "random_seeds": RANDOM_SEEDS},
+              "rows": rows, "mone_wins": wins(rows), "seconds": round(time.perf_counter() - started, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(rows)
+    (out / "fidelity.md").write_text(table)
+    plot(rows, out / "fidelity.png")
+    print(table)
+    print(json.dumps(result["mone_wins"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
