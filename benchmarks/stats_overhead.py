@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default="benchmarks/stats_overhead.json")
+    parser.add_argument("--json", default="benchmarks/results/stats_overhead.json")
     args = parser.parse_args(argv)
     if args.model:
         model, tokenizer = load_model(args.model)

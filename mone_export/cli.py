@@ -13,7 +13,7 @@ from typing import Callable
 
 from mone_export.errors import MoneError, ParityError, UsageError
 
-__all__ = ["main", "COMMANDS", "Command"]
+__all__ = ["main", "COMMANDS", "Command", "register_command"]
 
 logger = logging.getLogger("mone_export")
 
@@ -109,6 +109,113 @@ class PruneCommand(Command):
         return "\n".join(lines)
 
 
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    """--dtype, --provider, --atol, --no-validate: how the ONNX model is written and checked."""
+    group = parser.add_argument_group("Export and validation")
+    group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="dtype of the exported graph")
+    group.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                       help="ONNX Runtime execution provider of the validation (default cpu)")
+    group.add_argument("--atol", type=float, default=None,
+                       help="absolute tolerance on logits (default: fp32 1e-4, fp16 2e-2)")
+    group.add_argument("--no-validate", dest="validate", action="store_false",
+                       help="skip the parity, memory and latency checks (and the unpruned export they compare to)")
+
+
+def _print_parity_report(args: argparse.Namespace, command: Command, exc: ParityError) -> None:
+    """On a parity failure, still print the report (JSON or summary) before main() prints the error and exits 1."""
+    report = getattr(exc, "report", None)
+    if report is None:
+        return
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif not args.quiet:
+        print(command.summary(report))
+
+
+class ExportCommand(Command):
+    """``mone-export [export]``: prune (or load a saved plan), export to ONNX, validate, report."""
+
+    name = "export"
+    help = "prune a model and export it to ONNX Runtime (the default command)"
+
+    def add_arguments(self, parser):
+        required = parser.add_argument_group("Required")
+        required.add_argument("--model", required=True, help="bundled model name or local HF checkpoint folder")
+        required.add_argument("-o", "--output", required=True, help="output folder, or FOLDER/model.onnx")
+        required.add_argument("--ratio", type=float, help="fraction of routed experts to prune, [0, 1); 0 exports "
+                              "the unpruned model (required unless --plan)")
+        parser.add_argument("--plan", metavar="DIR", help="export this saved plan (a plan folder or an output folder "
+                            "with plan/) without calibrating; --ratio, --method, --scope and --calib* are not used")
+        add_calibration_options(parser)
+        add_export_options(parser)
+        add_common_options(parser)
+
+    def run(self, args):
+        from mone_export.export_pipeline import export_model
+
+        if args.plan is None and args.ratio is None:
+            raise UsageError("--ratio is required (or --plan DIR to export a saved plan).")
+        if args.plan is not None and args.ratio is not None:
+            raise UsageError("--plan brings its own ratio; drop --ratio (or drop --plan to calibrate again).")
+        try:
+            return export_model(model=args.model, ratio=args.ratio, output=args.output, method=args.method,
+                                scope=args.scope, calib=calibration_options(args), dtype=args.dtype,
+                                provider=args.provider, validate=args.validate, overwrite=args.overwrite,
+                                progress=not args.quiet, plan_dir=args.plan, atol=args.atol)
+        except ParityError as exc:
+            _print_parity_report(args, self, exc)
+            raise
+
+    def summary(self, report):
+        from mone_export.report import summary_text
+
+        return summary_text(report)
+
+
+class ValidateCommand(Command):
+    """``mone-export validate OUT_DIR``: re-check an export against the PyTorch model (exit 1 on a parity failure)."""
+
+    name = "validate"
+    help = "re-check an export folder against the pruned PyTorch model; exit 1 when parity fails"
+
+    def add_arguments(self, parser):
+        required = parser.add_argument_group("Required")
+        required.add_argument("output_dir", metavar="OUT_DIR", help="folder written by mone-export (or its model.onnx)")
+        optional = parser.add_argument_group("Optional")
+        optional.add_argument("--model", help="the original unpruned model (default: the source recorded in "
+                              "OUT_DIR/report.json)")
+        optional.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                              help="ONNX Runtime execution provider (default cpu)")
+        optional.add_argument("--atol", type=float, default=None,
+                              help="absolute tolerance on logits (default: fp32 1e-4, fp16 2e-2)")
+        optional.add_argument("--no-latency", dest="latency", action="store_false",
+                              help="skip the latency measurement")
+        group = parser.add_argument_group("Output")
+        group.add_argument("--quiet", action="store_true", help="no progress or log lines")
+        group.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(self, args):
+        from mone_export.export_pipeline import validate_folder
+
+        report = validate_folder(args.output_dir, model=args.model, provider=args.provider, atol=args.atol,
+                                 latency=args.latency, progress=not args.quiet)
+        if not report["passed"]:
+            from mone_export.validate import raise_for_failures
+
+            try:
+                raise_for_failures(report["validation"])
+            except ParityError as exc:
+                exc.report = report
+                _print_parity_report(args, self, exc)
+                raise
+        return report
+
+    def summary(self, report):
+        from mone_export.report import summary_text
+
+        return summary_text(report)
+
+
 COMMANDS: dict[str, Command] = {}
 DEFAULT_COMMAND: str | None = None
 
@@ -123,6 +230,8 @@ def register_command(command: Command, default: bool = False) -> Command:
 
 
 register_command(PruneCommand())
+register_command(ExportCommand(), default=True)
+register_command(ValidateCommand())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,15 +254,20 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "torch", "onnxscript", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Progress bars tell the story; the chattier modules only speak up about problems.
+    for noisy in ("transformers", "torch", "onnxscript", "onnx_ir", "graph_passes", "mone_export.calibration",
+                  "mone_export.novices", "mone_export.stats", "mone_export.validate", "mone_export.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mone-export`` console script; returns the exit code."""
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not args.command:
         parser.print_help()
         return 2

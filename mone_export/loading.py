@@ -194,6 +194,10 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # mkdtemp makes a private (0700) folder; give the output the permissions of a normally created folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         old = None

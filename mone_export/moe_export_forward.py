@@ -16,9 +16,14 @@ routing weights the model actually applies, ``W [T, E]`` (the router's top-k wei
     acc = ScatterND(acc, idx_e, upd_e, reduction="add")  # acc starts as zeros [T, H]
 
 So each token pays only for the experts it selected (sparse dispatch), a token routed only to novices runs no
-expert matrix product, and the router runs unchanged (it is traced as is). The torch exporter emits slightly
-different but equivalent ops for ``nonzero``/``index_put``; :func:`mone_export.onnx_utils.canonicalize_dispatch`
-rewrites them into exactly the form above.
+expert matrix product, and the router runs unchanged (it is traced as is). The token selection and the scatter-add
+are two small ``torch.autograd.Function``s whose ``symbolic`` emits exactly the ops above (the TorchScript exporter's
+own ``nonzero``/``index_put`` give ``Gather(Transpose(NonZero))`` and ``Add(acc, ScatterND(zeros, ...))``, an extra
+dense ``[T, H]`` add per expert); in eager mode they run the equivalent torch ops, equal to transformers' eager
+loop to float rounding (same products, same expert order of accumulation).
+
+In fp16/bf16 models W, the updates and the accumulator are float32 (see :func:`accumulation_dtype`): a real
+branch is ``Mul(Cast(expert_mlp(...), float), w_e)`` and a novice's ``C_e`` is a float32 constant.
 
 Routing weights are assumed non-negative (softmax or sigmoid gates, positive scaling): a selected expert with
 weight exactly 0 contributes ``0 · f_e(x) = 0`` and is skipped.
@@ -31,11 +36,12 @@ import types
 from typing import Callable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mone_export.adapters import expert_forward, moe_layers_or_error
+from mone_export.adapters import moe_layers_or_error
 
-__all__ = ["canonical_dispatch", "export_friendly_moe", "export_forward_for"]
+__all__ = ["accumulation_dtype", "canonical_dispatch", "expert_mlp", "export_friendly_moe", "export_forward_for"]
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,41 +94,64 @@ def canonical_dispatch(
         real: expert index → its raw output function f_e on ``[n, H]``.
         novices: expert index → its constant output ``[H]`` (a novice).
 
-    Every index in ``range(num_experts)`` must be in exactly one of ``real`` and ``novices``. The routing weights
-    are cast to the hidden dtype (a no-op in fp32; in fp16 the products are taken in fp16).
+    Every index in ``range(num_experts)`` must be in exactly one of ``real`` and ``novices``. W, the weighted
+    updates and the accumulator are in :func:`accumulation_dtype` (the model dtype, float32 for fp16/bf16 models);
+    the result is cast back to the hidden dtype.
     """
     missing = [e for e in range(num_experts) if (e in real) == (e in novices)]
     if missing:
         raise ValueError(f"experts {missing} must be either real or novice (exactly one).")
     dtype = hidden_states.dtype
+    acc_dtype = accumulation_dtype(dtype)
     weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
     weights = weights.scatter(1, top_k_index, top_k_weights)
-    if weights.dtype != dtype:
-        weights = weights.to(dtype)
-    zero = torch.zeros((), dtype=dtype, device=hidden_states.device)
-    acc = torch.zeros_like(hidden_states)
+    if weights.dtype != acc_dtype:
+        weights = weights.to(acc_dtype)
+    zero = torch.zeros((), dtype=acc_dtype, device=hidden_states.device)
+    acc = torch.zeros(hidden_states.shape, dtype=acc_dtype, device=hidden_states.device)
     for expert in range(num_experts):
         column = weights[:, expert]
         idx, token = _TokensOf.apply(column, zero)
         w = column[token].unsqueeze(1)
         if expert in novices:
             constant = novices[expert]
-            update = w * (constant if constant.dtype == dtype else constant.to(dtype))
+            update = w * (constant if constant.dtype == acc_dtype else constant.to(acc_dtype))
         else:
             out = real[expert](hidden_states[token])
-            update = (out if out.dtype == dtype else out.to(dtype)) * w
+            update = (out if out.dtype == acc_dtype else out.to(acc_dtype)) * w
         acc = _ScatterAdd.apply(acc, idx, update)
-    return acc
+    return acc if acc.dtype == dtype else acc.to(dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of W, the updates and the accumulator: float32 for half-precision models.
+
+    ONNX Runtime's CPU ScatterND has no float16 ``reduction="add"`` kernel, and the routers of every supported
+    family already produce float32 weights; the expert MLPs themselves stay in the model dtype. (transformers' eager
+    loop also multiplies f_e by the float32 weight before casting back.)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def expert_mlp(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+    """f_e on ``hidden [n, H]`` from fused weights ``gate_up_proj[slot]``, ``down_proj[slot]``.
+
+    The same arithmetic as :func:`mone_export.adapters.expert_forward` (transformers' eager loop), with the gate/up
+    split at a static size so that it exports as one ``Split`` instead of run-time shape arithmetic.
+    """
+    inter = int(experts.down_proj.shape[-1])
+    gate, up = F.linear(hidden, experts.gate_up_proj[slot]).split([inter, inter], dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[slot])
 
 
 def _stock_forward(self, hidden_states, top_k_index, top_k_weights):
     num_experts = int(self.gate_up_proj.shape[0])
-    real = {e: (lambda x, e=e: expert_forward(self, e, x)) for e in range(num_experts)}
+    real = {e: (lambda x, e=e: expert_mlp(self, e, x)) for e in range(num_experts)}
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, num_experts, real, {})
 
 
 def _novice_forward(self, hidden_states, top_k_index, top_k_weights):
-    real = {e: (lambda x, slot=slot: expert_forward(self, slot, x)) for slot, e in enumerate(self.real_ids)}
+    real = {e: (lambda x, slot=slot: expert_mlp(self, slot, x)) for slot, e in enumerate(self.real_ids)}
     novices = {e: self.novice_means[row] for row, e in enumerate(self.novice_ids)}
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, real, novices)
 

@@ -1,0 +1,480 @@
+"""ONNX export of a (pruned) MoE causal LM as a decoder with KV cache (SPEC §3).
+
+The exported graph takes ``input_ids [B, S]``, ``attention_mask [B, P+S]``, ``position_ids [B, S]`` and
+``past_key_values.{i}.key|value [B, kv_heads, P, head_dim]`` and returns ``logits [B, S, V]`` and
+``present.{i}.key|value [B, kv_heads, P+S, head_dim]`` (Optimum / onnxruntime-genai names). Batch, sequence and past
+lengths are dynamic, so one file serves prefill (P = 0) and decode through the cache.
+
+How: the model runs inside :class:`DecoderWithCache` (flat tensors in and out, a transformers ``DynamicCache`` built
+from the past tensors), with eager attention and :func:`~mone_export.moe_export_forward.export_friendly_moe` (one
+canonical dispatch branch per routed expert), and is traced by the TorchScript exporter
+(``torch.onnx.export(dynamo=False)``): on these models it is 10–30× faster than the dynamo exporter and, with the
+custom symbolics of ``moe_export_forward``, emits the canonical dispatch form directly. The graph passes
+(``graph_passes.prune_novices``) then fold each layer's novices into one constant bias node and clean up, and the
+model is saved with IR version 10 (external data above ~2 GiB), byte-identically for the same model.
+
+DeepSeek-V2 (transformers 5.x) caches MLA's compressed latent and shared rotary key, not per-head keys and values;
+the export packs them into equal ``key`` / ``value`` halves (onnxruntime-genai wants one head size).
+:func:`cache_shapes` gives the per-layer shapes for any supported family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mone_export.adapters import moe_layers_or_error
+from mone_export.errors import UsageError
+from mone_export.moe_export_forward import export_friendly_moe
+from mone_export.onnx_utils import (
+    finalize_model,
+    dispatch_weight_values,
+    initializer_bytes,
+    name_initializers,
+    name_values,
+    save_model,
+    share_transposed_initializers,
+    store_float32_as,
+    weight_bytes,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MODEL_FILE",
+    "CacheSpec",
+    "DecoderWithCache",
+    "cache_shapes",
+    "pack_mla",
+    "unpack_mla",
+    "routing_weights_names",
+    "input_names",
+    "output_names",
+    "export_onnx",
+    "export_patches",
+    "weight_bytes",
+    "lower_bound_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MODEL_FILE = "model.onnx"
+EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+# Symbolic dimension names, as onnxruntime-genai and Optimum write them.
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """One layer's exported cache: ``key [B, heads, P, key_dim]`` and ``value [B, heads, P, value_dim]``.
+
+    ``mla`` is ``(kv_lora_rank, qk_rope_head_dim)`` for a DeepSeek-V2 (MLA) layer, whose cache is packed (see
+    :func:`cache_shapes`), else None.
+    """
+
+    heads: int
+    key_dim: int
+    value_dim: int
+    mla: tuple[int, int] | None = None
+
+
+def cache_shapes(config) -> list[CacheSpec]:
+    """Per decoder layer, the shapes of the exported ``past_key_values`` / ``present`` tensors.
+
+    Standard attention caches keys and values per KV head: ``[B, num_key_value_heads, P, head_dim]`` each.
+
+    DeepSeek-V2's MLA (transformers 5.x) caches, per position, one normalised KV latent (``kv_lora_rank``) and one
+    rotary key shared by all heads (``qk_rope_head_dim``), not per-head keys and values. onnxruntime-genai needs
+    one head size for keys and values, so the export packs the two into one vector ``[latent | rope | pad]`` of
+    even width ``2h`` (``pad`` is one zero when ``kv_lora_rank + qk_rope_head_dim`` is odd) and stores its first half
+    as ``key`` and its second half as ``value``, both ``[B, 1, P, h]``: the MLA cache's own size, nothing expanded.
+    """
+    layers = int(config.num_hidden_layers)
+    rank, rope = getattr(config, "kv_lora_rank", None), getattr(config, "qk_rope_head_dim", None)
+    if rank and rope:
+        half = (int(rank) + int(rope) + 1) // 2
+        return [CacheSpec(1, half, half, mla=(int(rank), int(rope)))] * layers
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return [CacheSpec(heads, head_dim, head_dim)] * layers
+
+
+def pack_mla(latent: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(key, value)`` halves of ``[latent | rope | pad]`` (see :func:`cache_shapes`)."""
+    parts = [latent, rope]
+    if (latent.shape[-1] + rope.shape[-1]) % 2:
+        parts.append(torch.zeros_like(rope[..., :1]))
+    packed = torch.cat(parts, dim=-1)
+    half = packed.shape[-1] // 2
+    return packed[..., :half], packed[..., half:]
+
+
+def unpack_mla(key: torch.Tensor, value: torch.Tensor, rank: int, rope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latent, rope)`` from the packed ``key`` / ``value`` halves: the inverse of :func:`pack_mla`."""
+    packed = torch.cat([key, value], dim=-1)
+    return packed[..., :rank], packed[..., rank : rank + rope]
+
+
+def routing_weights_names(model: nn.Module) -> list[str]:
+    """Names of the MoE layers' dense routing weights W ``[T, E]`` in the export, in layer order.
+
+    ``model.layers.{i}.{block}.routing_weights`` (``block`` = the adapter's MoE block attribute, e.g. ``mlp``): the
+    keys of the ``novices`` plan ``graph_passes.prune_novices`` accepts.
+    """
+    adapter, layers = moe_layers_or_error(model)
+    return [f"model.layers.{layer.index}.{adapter.block_attr}.routing_weights" for layer in layers]
+
+
+def input_names(num_layers: int) -> list[str]:
+    """``input_ids, attention_mask, position_ids, past_key_values.{i}.key, past_key_values.{i}.value, ...``."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past]
+
+
+def output_names(num_layers: int) -> list[str]:
+    """``logits, present.{i}.key, present.{i}.value, ...``."""
+    return ["logits", *(f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value"))]
+
+
+class DecoderWithCache(nn.Module):
+    """A causal LM as a function of flat tensors: ``(input_ids, attention_mask, position_ids, past) -> (logits, *present)``.
+
+    ``past`` is the list ``[key_0, value_0, key_1, value_1, ...]`` shaped as :func:`cache_shapes` says; it is
+    wrapped in a transformers ``DynamicCache`` (full-length layers, so ``present`` = ``past`` + the new positions,
+    whatever the model's sliding window: the attention mask applies the window).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.specs = cache_shapes(model.config)
+        self.num_layers = len(self.specs)
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        from transformers import DynamicCache
+
+        layers = []
+        for i, spec in enumerate(self.specs):
+            key, value = past[2 * i], past[2 * i + 1]
+            layers.append(unpack_mla(key, value, *spec.mla) if spec.mla else (key, value))
+        cache = DynamicCache(ddp_cache_data=layers)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        present = []
+        for spec, layer in zip(self.specs, out.past_key_values.layers):
+            present += pack_mla(layer.keys, layer.values) if spec.mla else [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+# --- export-time patches ----------------------------------------------------------------------------------------
+
+
+def _real_rotary_forward(self, x, position_ids):
+    """DeepSeek-V2's rotary embedding as real ``[..., dim/2, 2]`` (cos, sin) pairs instead of complex ``freqs_cis``."""
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+
+
+def _real_apply_rotary_emb(xq, xk, freqs_cis):
+    """``apply_rotary_emb`` of DeepSeek-V2 with the complex product written out on (re, im) pairs."""
+    freqs = freqs_cis.unsqueeze(1).to(xq.device)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+
+    def rotate(x):
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        re, im = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+        return out.flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+def _complex_rotary_modules(model: nn.Module) -> list[nn.Module]:
+    """Rotary-embedding modules whose modeling file applies complex ``freqs_cis`` (``view_as_complex``)."""
+    found = []
+    for module in model.modules():
+        modeling = sys.modules.get(type(module).__module__)
+        apply = getattr(modeling, "apply_rotary_emb", None)
+        code = getattr(apply, "__code__", None)
+        if (
+            type(module).__name__.endswith("RotaryEmbedding")
+            and hasattr(module, "inv_freq")
+            and code is not None
+            and "view_as_complex" in code.co_names
+        ):
+            found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def _patched_complex_rotary(model: nn.Module) -> Iterator[None]:
+    """Trace complex rotary embeddings (DeepSeek-V2) as real arithmetic; ONNX has no complex tensors."""
+    modules = _complex_rotary_modules(model)
+    modelings = {sys.modules[type(m).__module__] for m in modules}
+    saved = {mod: mod.apply_rotary_emb for mod in modelings}
+    try:
+        for module in modules:
+            module.forward = _real_rotary_forward.__get__(module)
+        for mod in modelings:
+            mod.apply_rotary_emb = _real_apply_rotary_emb
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+        for mod, fn in saved.items():
+            mod.apply_rotary_emb = fn
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Eager attention during the export (a traceable mask and softmax); the previous implementation comes back."""
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def export_patches(model: nn.Module) -> Iterator[nn.Module]:
+    """Every export-time change to ``model``, undone on exit: eager attention, canonical MoE dispatch, real rotary."""
+    with _eager_attention(model), export_friendly_moe(model), _patched_complex_rotary(model):
+        yield model
+
+
+# --- export ---------------------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return EXPORT_DTYPES[str(dtype)]
+    except KeyError:
+        raise UsageError(f"unknown export dtype {dtype!r}; choose one of fp32, fp16, bf16.") from None
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _example_inputs(model: nn.Module, batch: int = 2, seq: int = 5, past: int = 3):
+    """Trace inputs with distinct, non-1 batch / sequence / past lengths (nothing specialises on a coincidence)."""
+    config = model.config
+    dtype = _model_dtype(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(config.vocab_size), (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = []
+    for spec in cache_shapes(config):
+        cache.append(torch.randn(batch, spec.heads, past, spec.key_dim, generator=gen).to(dtype))
+        cache.append(torch.randn(batch, spec.heads, past, spec.value_dim, generator=gen).to(dtype))
+    return ids, mask, positions, cache
+
+
+def _dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    axes = {
+        "input_ids": {0: BATCH, 1: SEQ},
+        "attention_mask": {0: BATCH, 1: TOTAL},
+        "position_ids": {0: BATCH, 1: SEQ},
+        "logits": {0: BATCH, 1: SEQ},
+    }
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            axes[f"past_key_values.{i}.{kind}"] = {0: BATCH, 2: PAST}
+            axes[f"present.{i}.{kind}"] = {0: BATCH, 2: TOTAL}
+    return axes
+
+
+def _trace_to_onnx(model: nn.Module, path: Path, opset: int) -> None:
+    """TorchScript-trace ``DecoderWithCache(model)`` (patched) into ``path``."""
+    num_layers = int(model.config.num_hidden_layers)
+    ids, mask, positions, cache = _example_inputs(model)
+    with warnings.catch_warnings():
+        # Expected noise: TracerWarnings on transformers' Python-side shape checks (they hold for every input the
+        # graph serves), the TorchScript exporter's deprecation notice and its advanced-indexing remark.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        with torch.no_grad(), export_patches(model):
+            torch.onnx.export(
+                DecoderWithCache(model),
+                (ids, mask, positions, cache),
+                str(path),
+                input_names=input_names(num_layers),
+                output_names=output_names(num_layers),
+                dynamic_axes=_dynamic_axes(num_layers),
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Every layout in which the exporter may store a parameter or buffer: as is, transposed, per-expert slices.
+
+    Expert stacks ``[E, a, b]`` (``gate_up_proj``, ``down_proj``) are named per expert id
+    (``model.layers.3.mlp.experts.5.gate_up_proj.T``); for ``NoviceExperts`` the slot is mapped to its expert id.
+    """
+    layouts: dict[str, tuple[tuple[int, ...], object]] = {}
+    modules = dict(model.named_modules())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        shape = tuple(tensor.shape)
+        # Transposed layouts first: the exporter folds Linear / expert weights into W.T.
+        if tensor.dim() == 2:
+            layouts[name + ".T"] = (shape[::-1], lambda t=tensor: _raw_bytes(t.T))
+        if tensor.dim() <= 2:
+            layouts[name] = (shape, lambda t=tensor: _raw_bytes(t))
+        if tensor.dim() == 3:
+            owner, _, leaf = name.rpartition(".")
+            ids = getattr(modules.get(owner), "real_ids", None) or list(range(shape[0]))
+            for slot, expert in enumerate(ids[: shape[0]]):
+                layouts[f"{owner}.{expert}.{leaf}.T"] = (shape[:0:-1], lambda t=tensor, s=slot: _raw_bytes(t[s].T))
+                layouts[f"{owner}.{expert}.{leaf}"] = (shape[1:], lambda t=tensor, s=slot: _raw_bytes(t[s]))
+    return layouts
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def _run_graph_passes(model):
+    """``graph_passes.prune_novices``: novices → one constant bias per layer, then cleanup."""
+    try:
+        from graph_passes import prune_novices
+    except ImportError as exc:  # the passes live beside the package; a broken install should say so
+        raise RuntimeError(f"graph_passes.prune_novices is not available ({exc}); reinstall mone-export.") from exc
+    return prune_novices(model)
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    opset: int = DEFAULT_OPSET,
+    progress: bool = True,
+    external_data: bool | None = None,
+    run_passes: bool = True,
+) -> Path:
+    """Export a (pruned) transformers MoE causal LM to ONNX with KV cache and return the written ``.onnx`` path.
+
+    Args:
+        model: a causal LM of a supported family, unpruned or pruned by :func:`mone_export.apply_plan`. It is
+            left as it was (export-time patches are undone; a dtype change works on a copy).
+        output: a ``.onnx`` file path, or a folder that receives ``model.onnx`` (+ ``model.onnx.data``).
+        dtype: ``fp32``, ``fp16`` or ``bf16``: the dtype of the weights and activations in the graph. When it differs
+            from the model's, a converted copy is exported (load the model in that dtype to avoid the copy).
+        opset: default-domain opset (≥ 16 for ``ScatterND(reduction="add")``).
+        progress: log each stage at INFO level (otherwise DEBUG).
+        external_data: force (True) or forbid (False) ``model.onnx.data``; default: only above ~2 GiB.
+        run_passes: run ``graph_passes.prune_novices`` (turn it off only to inspect the raw export).
+
+    The file is written in place of any previous one; for an atomic folder use
+    :func:`mone_export.output_folder.write_output_folder`.
+    """
+    import onnx_ir as ir
+    import onnx_ir.passes.common  # noqa: F401  (IdentityEliminationPass)
+
+    from mone_export import __version__
+
+    if opset < 16:
+        raise UsageError(f"opset {opset} is too old: ScatterND with reduction='add' needs opset 16 or newer.")
+    moe_layers_or_error(model)
+    target = _torch_dtype(dtype)
+    output = Path(output)
+    path = output if output.suffix == ".onnx" else output / MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logger.info if progress else logger.debug
+
+    source = model
+    if _model_dtype(model) != target:
+        log("converting a copy of the model to %s for the export", target)
+        source = copy.deepcopy(model).to(target)
+
+    started = time.perf_counter()
+    with _eval_mode(source), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
+        raw = Path(tmp) / MODEL_FILE
+        log("tracing %s (%d layers) to ONNX", type(model).__name__, model.config.num_hidden_layers)
+        _trace_to_onnx(source, raw, opset)
+        ir_model = ir.load(raw)
+        log("traced in %.1f s: %d nodes, %.1f MB of weights", time.perf_counter() - started,
+            len(ir_model.graph), initializer_bytes(ir_model) / 1e6)
+        # The exporter shares equal initializers through Identity nodes (e.g. the zero vectors of mone-zero
+        # novices), which hides that an operand is a constant: read the initializers directly.
+        ir.passes.common.IdentityEliminationPass()(ir_model)
+        name_initializers(ir_model, _named_layouts(source), prefix="model.")
+        name_values(dispatch_weight_values(ir_model), routing_weights_names(source))
+        shared = share_transposed_initializers(ir_model)
+        if shared:
+            log("tied weights: %d MatMul(s) now read the untransposed initializer", shared)
+        if run_passes:
+            ir_model = _run_graph_passes(ir_model)
+        if target in (torch.float16, torch.bfloat16):
+            narrow = ir.DataType.FLOAT16 if target == torch.float16 else ir.DataType.BFLOAT16
+            stored = store_float32_as(ir_model, narrow)
+            if stored:
+                log("%d float32 constants with exact %s values stored as %s", stored, narrow.name, narrow.name)
+        finalize_model(ir_model, opset=opset, producer_version=__version__)
+        for stale in (path, path.with_name(path.name + ".data")):
+            stale.unlink(missing_ok=True)
+        save_model(ir_model, path, external_data=external_data)
+    log("wrote %s (%.1f MB of weights) in %.1f s", path, weight_bytes(path) / 1e6, time.perf_counter() - started)
+    return path
+
+
+def lower_bound_bytes(model: nn.Module, dtype: str | torch.dtype | None = None) -> int:
+    """Σ bytes of the distinct parameters and buffers the pruned model keeps (tied weights counted once).
+
+    With ``dtype``, floating-point tensors are counted at that dtype's size (the bound of an export in ``dtype``).
+    Non-persistent buffers (rotary ``inv_freq``) are included: they are tiny and the graph keeps what it uses.
+    SPEC §3 asks ``weight_bytes(export) ≤ 1.005 × lower_bound_bytes(model, dtype)``.
+    """
+    itemsize = None if dtype is None else torch.empty((), dtype=_torch_dtype(dtype)).element_size()
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        size = itemsize if (itemsize is not None and tensor.is_floating_point()) else tensor.element_size()
+        total += tensor.numel() * size
+    return total

@@ -1,0 +1,345 @@
+"""The library functions behind ``mone-export [export]`` and ``mone-export validate``.
+
+:func:`export_model`: load → calibrate and plan (or load a saved plan) → apply → export to ONNX (graph passes
+included) → write the output folder atomically → validate against the pruned PyTorch model → ``report.json``,
+``report.md`` and ``experts.png`` in the folder. Validation runs on the folder before it replaces the previous
+output, so the report is part of the same atomic write; a failure of any stage leaves the previous output intact
+and no temporary files. A *parity* failure is not such a failure: the export and its report are written (they are
+what one debugs with) and :class:`~mone_export.errors.ParityError` is raised afterwards (CLI exit code 1).
+
+:func:`validate_folder`: re-check an existing export folder against the PyTorch model rebuilt from the original
+weights (``source_model`` in ``report.json``, or ``model=``) and the folder's plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from mone_export.errors import UsageError
+from mone_export.pipeline import CalibrationOptions
+
+__all__ = ["EXPORT_DTYPES", "export_model", "validate_folder", "resolve_output", "find_plan_dir"]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DTYPES = ("fp32", "fp16")
+"""Export dtypes that can be validated (numpy has no bfloat16; ``bf16`` exports need ``validate=False``)."""
+
+DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
+                 "bfloat16": "bf16"}
+
+
+def resolve_output(output: str | os.PathLike) -> Path:
+    """The output folder of ``-o``: ``out/model.onnx`` and ``out/`` both mean the folder ``out``."""
+    from mone_export.export import MODEL_FILE
+
+    path = Path(output)
+    if path.suffix.lower() == ".onnx":
+        if path.name != MODEL_FILE:
+            raise UsageError(f"-o {output}: the model file is always named {MODEL_FILE} (the name onnxruntime-genai "
+                             f"reads); pass -o {path.parent / MODEL_FILE} or the folder -o {path.parent}/.")
+        return path.parent
+    return path
+
+
+def find_plan_dir(path: str | os.PathLike) -> Path:
+    """A plan folder (``plan.json`` inside), or an export/prune output folder that holds one under ``plan/``."""
+    from mone_export.plan import PLAN_FILE
+
+    path = Path(path)
+    if (path / PLAN_FILE).is_file():
+        return path
+    if (path / "plan" / PLAN_FILE).is_file():
+        return path / "plan"
+    raise UsageError(f"--plan {path}: no {PLAN_FILE} there or in {path / 'plan'}; pass the folder a plan was saved "
+                     "to (or an output folder of mone-export prune/export).")
+
+
+def _dtype_name(dtype: str, validate: bool) -> str:
+    name = DTYPE_ALIASES.get(str(dtype))
+    if name is None:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}.")
+    if validate and name not in EXPORT_DTYPES:
+        raise UsageError(f"--dtype {name} exports cannot be validated here (numpy has no bfloat16); "
+                         "pass --no-validate or use fp32/fp16.")
+    return name
+
+
+class _Stages:
+    """A tqdm bar over the pipeline's stages (silent without ``progress``) that also times each stage."""
+
+    def __init__(self, names: list[str], progress: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), desc="mone-export", unit="stage", disable=not progress, file=sys.stderr,
+                        leave=False)
+        self.log = logger.info if progress else logger.debug
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.bar.set_description(name)
+        self.log("%s ...", name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 2)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _scratch_dir(beside: Path, label: str) -> Iterator[Path]:
+    """A temporary folder beside ``beside`` (same file system as the output), always removed."""
+    parent = beside.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{label}-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _source_record(model: str) -> dict:
+    from mone_export.loading import resolve_model_path
+
+    return {"model": str(model), "source_model": str(resolve_model_path(model).resolve())}
+
+
+def export_model(
+    model: str | os.PathLike,
+    ratio: float | None,
+    output: str | os.PathLike,
+    method: str = "mone",
+    scope: str = "layer",
+    calib: CalibrationOptions = CalibrationOptions(),
+    dtype: str = "fp32",
+    provider: str = "cpu",
+    validate: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    plan_dir: str | os.PathLike | None = None,
+    *,
+    atol: float | None = None,
+    validation_options: dict | None = None,
+) -> dict:
+    """Prune ``model`` with MoNE (or a baseline) and export it to an ONNX Runtime folder; return the report.
+
+    Args:
+        model: a bundled model name or a local Hugging Face checkpoint folder.
+        ratio: fraction of routed experts pruned per MoE layer, in [0, 1); 0 exports the unpruned model (the
+            reference). Ignored (may be None) with ``plan_dir``, which brings its own.
+        output: the output folder, or ``folder/model.onnx``.
+        method, scope, calib: how to score and select experts (see ``mone-export prune``).
+        dtype: ``fp32`` or ``fp16`` (``bf16`` only with ``validate=False``).
+        provider: ONNX Runtime provider of the validation: ``cpu`` or ``cuda``.
+        validate: check parity, memory and latency (SPEC §4); for the latency comparison the unpruned model is also
+            exported, into a temporary folder beside ``output``.
+        overwrite: replace a non-empty output folder.
+        progress: progress bars and log lines.
+        plan_dir: export from this saved plan (a plan folder, or an output folder with ``plan/``) without calibrating.
+        atol: absolute logits tolerance (default per dtype: fp32 1e-4, fp16 2e-2).
+        validation_options: extra keyword arguments for :func:`mone_export.validate.validate_export`
+            (``decode_steps``, ``new_tokens``, ``latency``, ``prefill_repeats``, ...).
+
+    Returns:
+        The report (also written to ``report.json``/``report.md``).
+
+    Raises:
+        UsageError: bad input; nothing is written.
+        ParityError: the export differs from PyTorch beyond tolerance; the folder and its report are written and the
+            error's ``report`` attribute holds the report.
+    """
+    from mone_export import __version__
+    from mone_export.errors import ParityError
+    from mone_export.export import MODEL_FILE, export_onnx, lower_bound_bytes, weight_bytes
+    from mone_export.loading import check_output_dir, load_model
+    from mone_export.novices import apply_plan
+    from mone_export.output_folder import output_folder
+    from mone_export.pipeline import calibrate_and_plan
+    from mone_export.plan import PruningPlan
+    from mone_export.report import write_report
+    from mone_export.scoring import SCOPES, check_ratio_feasible, method_or_error
+    from mone_export.validate import check_provider, raise_for_failures, validate_export
+
+    started = time.perf_counter()
+    folder = resolve_output(output)
+    dtype = _dtype_name(dtype, validate)
+    check_output_dir(folder, overwrite)
+    plan_path = find_plan_dir(plan_dir) if plan_dir is not None else None
+    if plan_path is None:
+        if ratio is None:
+            raise UsageError("--ratio is required (or --plan DIR to export a saved plan).")
+        method_or_error(method)
+        if scope not in SCOPES:
+            raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+        calib.check()
+    if validate:
+        check_provider(provider)
+    source = _source_record(str(model))
+
+    stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
+    if validate:
+        stages[2:2] = ["export unpruned"]
+        stages[-1:-1] = ["validate"]
+    run = _Stages(stages, progress)
+    validation = None
+    try:
+        with run.stage("load"):
+            loaded, tokenizer = load_model(model, dtype="fp32")
+        if plan_path is not None:
+            with run.stage("load plan"):
+                plan = PruningPlan.load(plan_path, model=loaded)
+        else:
+            check_ratio_feasible(loaded, ratio, method, scope)
+            with run.stage("calibrate"):
+                plan, _ = calibrate_and_plan(loaded, tokenizer, ratio, method, scope, calib, progress)
+        unpruned_bound = lower_bound_bytes(loaded, dtype)
+        with contextlib.ExitStack() as scratch:
+            baseline = None
+            if validate:
+                with run.stage("export unpruned"):
+                    if plan.num_pruned:
+                        baseline = scratch.enter_context(_scratch_dir(folder, "unpruned"))
+                        export_onnx(loaded, baseline, dtype=dtype, progress=False)
+            apply_plan(loaded, plan)
+            report = {
+                "command": "export",
+                "mone_export_version": __version__,
+                **source,
+                "model_type": plan.model["model_type"],
+                "output": str(folder),
+                "onnx": str(folder / MODEL_FILE),
+                "dtype": dtype,
+                "provider": provider,
+                **plan.summary(),
+                "pruned": {str(k): v for k, v in plan.pruned.items()},
+                "num_experts_per_layer": {str(k): int(v) for k, v in plan.model["num_experts"].items()},
+                "plan_source": str(plan_path) if plan_path else "calibrated",
+                "calibration": plan.calibration,
+            }
+            with run.stage("export"):
+                # Exits first (LIFO): the folder replaces the previous output, then the scratch folder goes.
+                tmp = scratch.enter_context(
+                    output_folder(loaded, tokenizer, None, folder, plan=plan, overwrite=overwrite, dtype=dtype))
+            pruned_bytes = weight_bytes(tmp / MODEL_FILE)
+            bound = lower_bound_bytes(loaded, dtype)
+            report["weights"] = {
+                "unpruned_bytes": weight_bytes(baseline / MODEL_FILE) if baseline else
+                (pruned_bytes if not plan.num_pruned else unpruned_bound),
+                "unpruned_source": "unpruned export" if baseline else
+                ("this export (ratio 0)" if not plan.num_pruned else "parameters of the unpruned model"),
+                "pruned_bytes": pruned_bytes,
+                "lower_bound_bytes": bound,
+                "ratio_to_bound": pruned_bytes / bound,
+            }
+            if validate:
+                with run.stage("validate"):
+                    validation = validate_export(tmp, loaded, provider=provider, atol=atol, baseline_dir=baseline,
+                                                 tokenizer=tokenizer, progress=progress, **(validation_options or {}))
+                validation["onnx"] = report["onnx"]
+            report["validation"] = validation
+            report["passed"] = None if validation is None else validation["passed"]
+            report["exit_code"] = 0 if validation is None or validation["passed"] else 1
+            with run.stage("report"):
+                report["timings"] = dict(run.seconds)
+                report["seconds"] = round(time.perf_counter() - started, 2)
+                write_report(tmp, report, plan)
+    finally:
+        run.close()
+    if validation is not None:
+        try:
+            raise_for_failures(validation)
+        except ParityError as exc:
+            exc.report = report
+            raise
+    return report
+
+
+def _report_of(folder: Path) -> dict:
+    from mone_export.report import REPORT_JSON
+
+    path = folder / REPORT_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def validate_folder(
+    output_dir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    provider: str = "cpu",
+    atol: float | None = None,
+    latency: bool = True,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Re-check an export folder against the pruned PyTorch model rebuilt from the original weights and its plan.
+
+    Args:
+        output_dir: an export folder (``model.onnx``, ``plan/``, ``report.json``), or its ``model.onnx``.
+        model: the original (unpruned) model, a bundled name or folder; default the ``source_model`` recorded in
+            the folder's ``report.json``.
+        provider, atol, latency: as in :func:`mone_export.validate.validate_export` (no unpruned export here, so
+            latency compares the export with PyTorch eager only).
+        options: further keyword arguments for ``validate_export``.
+
+    Returns:
+        The validation report, plus ``model``, ``source_model``, ``output`` and ``command``; ``passed`` False when a
+        check failed (the CLI then exits 1).
+    """
+    from mone_export.export import MODEL_FILE
+    from mone_export.loading import load_model, resolve_model_path
+    from mone_export.novices import apply_plan
+    from mone_export.plan import PLAN_FILE, PruningPlan
+    from mone_export.validate import check_provider, validate_export
+
+    folder = resolve_output(output_dir)
+    if not (folder / MODEL_FILE).is_file():
+        raise UsageError(f"{folder} holds no {MODEL_FILE}; pass the folder mone-export wrote.")
+    check_provider(provider)
+    saved = _report_of(folder)
+    if model is None:
+        candidates = [saved.get("source_model"), saved.get("model")]
+        model = next((c for c in candidates if c and _resolvable(c)), None)
+        if model is None:
+            recorded = " or ".join(repr(c) for c in candidates if c) or "none"
+            raise UsageError(f"cannot find the original model of {folder} (recorded: {recorded}); "
+                             "pass --model NAME_OR_PATH with the unpruned checkpoint.")
+    log = logger.info if progress else logger.debug
+    log("rebuilding the pruned model from %s and %s", model, folder / "plan")
+    original, _ = load_model(model, dtype="fp32")
+    if (folder / "plan" / PLAN_FILE).is_file():
+        apply_plan(original, PruningPlan.load(folder / "plan", model=original))
+    else:
+        logger.warning("%s has no plan/: validating against the unpruned model", folder)
+    report = validate_export(folder, original, provider=provider, atol=atol, latency=latency, progress=progress,
+                             **options)
+    return {"command": "validate", "model": str(model), "source_model": str(resolve_model_path(model).resolve()),
+            "output": str(folder), **{k: saved[k] for k in ("model_type", "method", "ratio", "scope") if k in saved},
+            "validation": report, "passed": report["passed"], "exit_code": 0 if report["passed"] else 1}
+
+
+def _resolvable(name: str) -> bool:
+    from mone_export.loading import resolve_model_path
+
+    try:
+        resolve_model_path(name)
+        return True
+    except UsageError:
+        return False

@@ -1,0 +1,314 @@
+"""Small ONNX helpers for the export: IR version, tied weights, deterministic saving, weight bytes.
+
+Everything here works on ``onnx_ir`` models (the graph passes use the same IR) and never loads external
+tensor data unless it has to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+__all__ = [
+    "IR_VERSION",
+    "EXTERNAL_DATA_THRESHOLD",
+    "DATA_SUFFIX",
+    "initializer_bytes",
+    "weight_bytes",
+    "share_transposed_initializers",
+    "name_initializers",
+    "dispatch_weight_values",
+    "name_values",
+    "store_float32_as",
+    "finalize_model",
+    "save_model",
+]
+
+logger = logging.getLogger(__name__)
+
+IR_VERSION = 10
+"""IR version written into every export: onnxruntime 1.31+ rejects onnx 1.23's default (14); 9–11 load."""
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+"""Initializer bytes above which weights go to ``model.onnx.data`` (a protobuf cannot exceed 2 GiB)."""
+
+DATA_SUFFIX = ".data"
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Σ bytes of the main graph's initializers (external data is not read)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        total += int(np.prod(tensor.shape.numpy(), dtype=np.int64)) * tensor.dtype.itemsize
+    return total
+
+
+SMALL_INTEGER_ELEMENTS = 64
+"""Integer tensors up to this many elements are graph structure (shapes, axes, expert ids), not weights."""
+
+
+def weight_bytes(onnx_path: str | os.PathLike) -> int:
+    """Σ bytes of a saved ONNX model's weights, external data included, without loading them.
+
+    Weights are the main graph's initializers and ``Constant``-node tensors (so a weight cannot hide in a node
+    attribute), except small integer tensors (≤ :data:`SMALL_INTEGER_ELEMENTS` elements: shapes, axes, indices),
+    which are graph structure and would otherwise dominate the count for the tiny test models.
+    """
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensors += [a.t for a in node.attribute if a.name == "value"]
+    return sum(_tensor_proto_bytes(t) for t in tensors if _is_weight(t))
+
+
+def _is_weight(tensor: onnx.TensorProto) -> bool:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.issubdtype(dtype, np.floating) or int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_INTEGER_ELEMENTS
+
+
+def _tensor_proto_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _reads_untransposed(value: ir.Value) -> bool:
+    """Whether some consumer uses ``value`` other than as the weight (second input) of a MatMul."""
+    return any(not (user.op_type == "MatMul" and index == 1) for user, index in value.uses())
+
+
+def share_transposed_initializers(model: ir.Model) -> int:
+    """Stop the exporter's folded ``W.T`` copies from duplicating a weight that is also used untransposed.
+
+    The TorchScript exporter folds ``Transpose(W)`` into a new initializer. For a tied ``lm_head`` (the same
+    parameter as the token embedding, read by a ``Gather``) that stores the embedding twice. Each ``MatMul(x, B)``
+    whose ``B`` initializer equals ``A.T`` for a 2-D initializer ``A`` that is also read untransposed becomes
+    ``Reshape(Gemm(Reshape(x, [-1, K]), A, transB=1), [..., N])``, and ``B`` is dropped. Arrays are compared by
+    digest, each read once.
+
+    Returns the number of rewritten MatMuls.
+    """
+    graph = model.graph
+    transposed: dict[tuple, ir.Value] = {}  # digest of A.T -> A
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and len(tensor.shape) == 2 and _reads_untransposed(value):
+            array = np.ascontiguousarray(tensor.numpy().T)
+            transposed.setdefault(_digest(array.shape, array.tobytes()), value)
+    if not transposed:
+        return 0
+    shapes = {key[0] for key in transposed}
+    rewritten = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        x, b = node.inputs
+        if b is None or not b.is_initializer() or b.const_value is None:
+            continue
+        shape = tuple(int(d) for d in b.const_value.shape.numpy())
+        if shape not in shapes:
+            continue
+        match = transposed.get(_digest(shape, b.const_value.tobytes()))
+        if match is None or match is b or match.const_value.dtype != b.const_value.dtype:
+            continue
+        k, n = shape
+        _matmul_to_gemm_transb(graph, node, x, match, k, n)
+        rewritten += 1
+        if not b.uses():
+            graph.initializers.pop(b.name)
+    return rewritten
+
+
+def _matmul_to_gemm_transb(graph: ir.Graph, node: ir.Node, x: ir.Value, weight: ir.Value, k: int, n: int) -> None:
+    name = node.name or "matmul"
+
+    def const(suffix: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=f"{name}/{suffix}", const_value=ir.tensor(array, name=f"{name}/{suffix}"))
+        graph.initializers.add(value)
+        return value
+
+    out = node.outputs[0]
+    flat_shape = const("flat_shape", np.array([-1, k], dtype=np.int64))
+    reshape_in = ir.node("Reshape", [x, flat_shape], name=f"{name}/flatten")
+    gemm = ir.node("Gemm", [reshape_in.outputs[0], weight], attributes={"transB": 1}, name=f"{name}/gemm")
+    # Output shape: x's leading dims + [n]
+    lead = ir.node("Shape", [x], attributes={"start": 0, "end": -1}, name=f"{name}/lead_shape")
+    out_shape = ir.node(
+        "Concat", [lead.outputs[0], const("n", np.array([n], dtype=np.int64))], attributes={"axis": 0},
+        name=f"{name}/out_shape",
+    )
+    reshape_out = ir.node("Reshape", [gemm.outputs[0], out_shape.outputs[0]], name=f"{name}/unflatten")
+    graph.insert_before(node, [reshape_in, gemm, lead, out_shape, reshape_out])
+    new_out = reshape_out.outputs[0]
+    new_out.dtype, new_out.shape = out.dtype, out.shape
+    if out.is_graph_output():
+        name = out.name
+        out.name = None
+        new_out.name = name
+    out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+
+
+def _digest(shape: tuple[int, ...], data: bytes | memoryview | np.ndarray) -> tuple:
+    return (tuple(int(d) for d in shape), hashlib.blake2b(data, digest_size=16).digest())
+
+
+def name_initializers(
+    model: ir.Model, tensors: Mapping[str, tuple[tuple[int, ...], Callable[[], bytes]]], prefix: str = ""
+) -> int:
+    """Give initializers the names of the tensors they hold.
+
+    Args:
+        model: an exported model, renamed in place.
+        tensors: name → (shape, a function returning the tensor's raw little-endian bytes, C order) for every array
+            the graph may hold (a weight, its transpose, an expert's slice), in priority order. Arrays are only built for shapes some anonymous
+            initializer has, one at a time.
+        prefix: initializers named ``prefix + name`` (the export wrapper's module path) lose the prefix.
+
+    Anonymous initializers (``onnx::MatMul_123``, the exporter's folded transposes) whose bytes equal one of
+    ``tensors`` take its name. Returns how many initializers were renamed.
+    """
+    graph = model.graph
+    renamed = 0
+    taken = set(graph.initializers)
+    anonymous: dict[tuple[int, ...], list[ir.Value]] = {}
+    for name, value in list(graph.initializers.items()):
+        short = name[len(prefix):] if prefix and name.startswith(prefix) else None
+        if short is not None and short in tensors and short not in taken:
+            _rename_initializer(graph, value, short)
+            taken.add(short)
+            renamed += 1
+        elif name.startswith("onnx::") and value.const_value is not None:
+            anonymous.setdefault(tuple(int(d) for d in value.const_value.shape.numpy()), []).append(value)
+    if not anonymous:
+        return renamed
+    digests: dict[tuple, list[ir.Value]] = {}
+    for values in anonymous.values():
+        for value in values:
+            tensor = value.const_value
+            digests.setdefault(_digest(tuple(tensor.shape.numpy()), tensor.tobytes()), []).append(value)
+    remaining = sum(len(values) for values in anonymous.values())
+    for name, (shape, make) in tensors.items():
+        if remaining == 0:
+            break
+        if tuple(shape) not in anonymous or name in taken:
+            continue
+        values = digests.get(_digest(shape, make()))
+        if values:
+            _rename_initializer(graph, values.pop(0), name)
+            taken.add(name)
+            renamed += 1
+            remaining -= 1
+    return renamed
+
+
+def dispatch_weight_values(model: ir.Model) -> list[ir.Value]:
+    """The routing-weight matrices W of the canonical dispatch, in graph order (one per MoE layer).
+
+    W is the first input of a ``Gather(W, e, axis=1)`` whose output feeds ``Greater`` → ``NonZero``.
+    """
+    found: list[ir.Value] = []
+    for node in model.graph:
+        if node.op_type != "NonZero" or node.inputs[0] is None:
+            continue
+        greater = node.inputs[0].producer()
+        if greater is None or greater.op_type != "Greater" or greater.inputs[0] is None:
+            continue
+        gather = greater.inputs[0].producer()
+        if gather is None or gather.op_type != "Gather" or gather.attributes.get_int("axis", 0) != 1:
+            continue
+        weights = gather.inputs[0]
+        if weights is not None and all(weights is not w for w in found):
+            found.append(weights)
+    return found
+
+
+def name_values(values: list[ir.Value], names: list[str]) -> None:
+    """Rename graph values (not graph inputs/outputs or initializers); a clear error when the counts differ."""
+    if len(values) != len(names):
+        raise ValueError(f"found {len(values)} values to name but {len(names)} names: {names}")
+    for value, name in zip(values, names):
+        if not (value.is_graph_input() or value.is_graph_output() or value.is_initializer()):
+            value.name = name
+
+
+def _rename_initializer(graph: ir.Graph, value: ir.Value, name: str) -> None:
+    graph.initializers.pop(value.name)
+    value.name = name
+    if value.const_value is not None:
+        value.const_value.name = name
+    graph.initializers[name] = value
+
+
+def store_float32_as(model: ir.Model, dtype: ir.DataType, min_elements: int = 64) -> int:
+    """Store float32 initializers whose values ``dtype`` holds exactly in ``dtype``, read through a ``Cast``.
+
+    In a half-precision export the float32 constants are copies of half-precision parameters (DeepSeek-V2's
+    router weight, which the model casts to float32; the novice bias of the float32 MoE dispatch): storing them in
+    the model dtype halves their bytes and changes no value. ONNX Runtime folds the ``Cast`` when it loads the
+    model. Initializers under ``min_elements`` are left alone. Returns the number of initializers converted.
+    """
+    graph = model.graph
+    target = dtype.numpy()
+    converted = 0
+    anchor = next(iter(graph), None)
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if (tensor is None or tensor.dtype != ir.DataType.FLOAT or value.is_graph_input() or value.is_graph_output()
+                or tensor.size < min_elements or not value.uses()):
+            continue
+        array = tensor.numpy()
+        narrow = array.astype(target)
+        if not np.array_equal(narrow.astype(np.float32), array):
+            continue
+        stored = ir.Value(name=f"{name}.{dtype.name.lower()}", const_value=ir.tensor(narrow, name=f"{name}.{dtype.name.lower()}"))
+        graph.initializers.add(stored)
+        cast = ir.node("Cast", [stored], attributes={"to": ir.DataType.FLOAT}, name=f"{name}/cast")
+        out = cast.outputs[0]
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(tensor.shape)
+        value.replace_all_uses_with(out)
+        graph.initializers.pop(name)
+        out.name = name
+        if anchor is None:
+            graph.append(cast)
+        else:
+            graph.insert_before(anchor, cast)
+        converted += 1
+    return converted
+
+
+def finalize_model(model: ir.Model, opset: int | None = None, producer_version: str = "") -> ir.Model:
+    """IR version 10, one default-domain opset, our producer name: a model the pinned ONNX Runtime loads."""
+    model.ir_version = IR_VERSION
+    if opset is not None:
+        model.graph.opset_imports[""] = opset
+        model.opset_imports[""] = opset
+    model.producer_name = "mone-export"
+    model.producer_version = producer_version
+    return model
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Save ``model`` deterministically (same model → same bytes) to ``path``.
+
+    Weights go to ``<path>.data`` beside it when ``external_data`` is True, or when it is None and the
+    initializers exceed :data:`EXTERNAL_DATA_THRESHOLD`; the file is then referenced by its name only.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        ir.save(model, path, external_data=path.name + DATA_SUFFIX, size_threshold_bytes=1024)
+    else:
+        ir.save(model, path)
+    return path

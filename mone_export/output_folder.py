@@ -1,0 +1,195 @@
+"""The export output folder: ONNX model, configs, tokenizer, plan, onnxruntime-genai config; written atomically.
+
+Layout::
+
+    out/
+      model.onnx (+ model.onnx.data above ~2 GiB)
+      config.json, generation_config.json     (transformers)
+      tokenizer files                         (when the model has a tokenizer)
+      genai_config.json                       (onnxruntime-genai)
+      plan/                                   (the pruning plan, when given)
+      ...                                     (whatever the caller adds, e.g. report.json)
+
+Everything is written into a temporary folder beside ``out`` that replaces it only when every file is there
+(:func:`mone_export.loading.atomic_output_dir`): a failure leaves the previous ``out`` intact and no temp files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mone_export.export import MODEL_FILE, cache_shapes, export_onnx
+from mone_export.loading import atomic_output_dir
+from mone_export.onnx_utils import DATA_SUFFIX, save_model
+
+__all__ = ["GENAI_CONFIG", "genai_config", "output_folder", "write_output_folder"]
+
+logger = logging.getLogger(__name__)
+
+GENAI_CONFIG = "genai_config.json"
+PLAN_SUBDIR = "plan"
+GENAI_MODEL_TYPE = "decoder"  # onnxruntime-genai's generic decoder-only model (the graph does all the modelling)
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _token_ids(model, tokenizer) -> dict:
+    """bos / eos / pad ids: generation config first, then the model config, then the tokenizer.
+
+    Ids outside the vocabulary (some configs keep the ids of a bigger tokenizer) are left out with a warning:
+    onnxruntime-genai refuses them.
+    """
+    gen = getattr(model, "generation_config", None)
+    config = model.config
+    vocab = int(config.vocab_size)
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = _first(getattr(gen, key, None), getattr(config, key, None), getattr(tokenizer, key, None))
+        values = value if isinstance(value, (list, tuple)) else [value]
+        valid = [int(v) for v in values if v is not None and 0 <= int(v) < vocab]
+        if len(valid) < len([v for v in values if v is not None]):
+            logger.warning("%s %s is outside the vocabulary (%d tokens); left out of %s", key, value, vocab, GENAI_CONFIG)
+        if valid:
+            ids[key] = valid if isinstance(value, (list, tuple)) and len(valid) > 1 else valid[0]
+    if "pad_token_id" not in ids and "eos_token_id" in ids:
+        eos = ids["eos_token_id"]
+        ids["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return ids
+
+
+def genai_config(model, tokenizer=None, *, filename: str = MODEL_FILE, context_length: int | None = None) -> dict:
+    """The ``genai_config.json`` that lets onnxruntime-genai run an export of ``model`` (greedy search by default).
+
+    ``past_present_share_buffer`` is off: the graph returns ``present`` = ``past`` + new positions (it does not
+    write into a preallocated buffer). KV shapes are those of :func:`mone_export.export.cache_shapes` (DeepSeek-V2's
+    MLA cache is packed into equal key/value halves, so one ``head_size`` fits). Token ids the model does not
+    define are left out.
+    """
+    config = model.config
+    layers = int(config.num_hidden_layers)
+    spec = cache_shapes(config)[0]
+    context = int(context_length or getattr(config, "max_position_embeddings", 0) or 4096)
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": filename,
+        "head_size": spec.key_dim,
+        "hidden_size": int(config.hidden_size),
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        "num_attention_heads": int(config.num_attention_heads),
+        "num_hidden_layers": layers,
+        "num_key_value_heads": spec.heads,
+    }
+    gen = getattr(model, "generation_config", None)
+    search = {
+        "diversity_penalty": 0.0,
+        "do_sample": bool(getattr(gen, "do_sample", False) or False),
+        "early_stopping": True,
+        "length_penalty": 1.0,
+        "max_length": context,
+        "min_length": 0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": int(getattr(gen, "num_beams", 1) or 1),
+        "num_return_sequences": 1,
+        "past_present_share_buffer": False,
+        "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
+        "temperature": float(getattr(gen, "temperature", 1.0) or 1.0),
+        "top_k": int(getattr(gen, "top_k", 1) or 1) if getattr(gen, "do_sample", False) else 1,
+        "top_p": float(getattr(gen, "top_p", 1.0) or 1.0),
+    }
+    return {
+        "model": {
+            **_token_ids(model, tokenizer),
+            "context_length": context,
+            "decoder": decoder,
+            "type": GENAI_MODEL_TYPE,
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": search,
+    }
+
+
+def _place_onnx(onnx_model, folder: Path, model, dtype: str) -> Path:
+    """Put the ONNX model into ``folder`` as ``model.onnx`` (+ data): export it, save an IR model, or copy a file."""
+    target = folder / MODEL_FILE
+    if onnx_model is None:
+        return export_onnx(model, target, dtype=dtype, progress=False)
+    if isinstance(onnx_model, (str, os.PathLike)):
+        source = Path(onnx_model)
+        source = source / MODEL_FILE if source.is_dir() else source
+        data = source.with_name(source.name + DATA_SUFFIX)
+        if data.is_file() and source.name != MODEL_FILE:
+            # The model refers to its data file by name: re-save under the new name rather than copy.
+            import onnx_ir as ir
+
+            return save_model(ir.load(source), target, external_data=True)
+        shutil.copyfile(source, target)
+        if data.is_file():
+            shutil.copyfile(data, target.with_name(target.name + DATA_SUFFIX))
+        return target
+    return save_model(onnx_model, target)  # an onnx_ir.Model, e.g. from export_onnx's passes
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan=None, overwrite: bool = False,
+                  dtype: str = "fp32") -> Iterator[Path]:
+    """Write the output folder's files into a temporary folder and yield it; on normal exit it replaces ``out_dir``.
+
+    The caller adds its own files (``report.json``, ...) to the yielded folder inside the ``with`` block; an
+    exception there (or anywhere) leaves the previous ``out_dir`` as it was.
+
+    Args:
+        model: the (pruned) PyTorch model that was exported (its config, generation config and sizes are written).
+        tokenizer: its tokenizer, or None.
+        onnx_model: the exported model: a ``.onnx`` path (its ``.data`` file is copied too), an ``onnx_ir.Model``,
+            or None to export ``model`` here in ``dtype``.
+        out_dir: the folder to (re)place.
+        plan: the :class:`~mone_export.plan.PruningPlan` that was applied, saved under ``plan/``.
+        overwrite: replace a non-empty ``out_dir``.
+    """
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        _place_onnx(onnx_model, tmp, model, dtype)
+        model.config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _write_json(tmp / GENAI_CONFIG, genai_config(model, tokenizer))
+        if plan is not None:
+            plan.save(tmp / PLAN_SUBDIR)
+        yield tmp
+    logger.info("wrote %s", out_dir)
+
+
+def write_output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan=None, overwrite: bool = False,
+                        *, dtype: str = "fp32", extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write the whole output folder atomically and return its path; see :func:`output_folder`.
+
+    ``extra_files(folder)`` is called with the temporary folder before it replaces ``out_dir``, to add files.
+    """
+    with output_folder(model, tokenizer, onnx_model, out_dir, plan, overwrite, dtype) as tmp:
+        if extra_files is not None:
+            extra_files(tmp)
+    return Path(out_dir)
