@@ -37,6 +37,7 @@ from torch import nn
 
 from mone_export.adapters import moe_layers_or_error
 from mone_export.errors import UsageError
+from mone_export.loading import parse_dtype
 from mone_export.moe_export_forward import export_friendly_moe
 from mone_export.onnx_utils import (
     finalize_model,
@@ -71,8 +72,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 MODEL_FILE = "model.onnx"
-EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 # Symbolic dimension names, as onnxruntime-genai and Optimum write them.
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -269,15 +268,6 @@ def export_patches(model: nn.Module) -> Iterator[nn.Module]:
 # --- export ---------------------------------------------------------------------------------------------------------
 
 
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return EXPORT_DTYPES[str(dtype)]
-    except KeyError:
-        raise UsageError(f"unknown export dtype {dtype!r}; choose one of fp32, fp16, bf16.") from None
-
-
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
@@ -419,7 +409,7 @@ def export_onnx(
     if opset < 16:
         raise UsageError(f"opset {opset} is too old: ScatterND with reduction='add' needs opset 16 or newer.")
     moe_layers_or_error(model)
-    target = _torch_dtype(dtype)
+    target = parse_dtype(dtype)
     output = Path(output)
     path = output if output.suffix == ".onnx" else output / MODEL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -468,7 +458,7 @@ def lower_bound_bytes(model: nn.Module, dtype: str | torch.dtype | None = None) 
     Non-persistent buffers (rotary ``inv_freq``) are included: they are tiny and the graph keeps what it uses.
     SPEC §3 asks ``weight_bytes(export) ≤ 1.005 × lower_bound_bytes(model, dtype)``.
     """
-    itemsize = None if dtype is None else torch.empty((), dtype=_torch_dtype(dtype)).element_size()
+    itemsize = None if dtype is None else torch.empty((), dtype=parse_dtype(dtype)).element_size()
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)

@@ -22,6 +22,7 @@ __all__ = [
     "bundled_model_path",
     "resolve_model_path",
     "load_model",
+    "parse_dtype",
     "save_pruned",
     "check_output_dir",
     "atomic_output_dir",
@@ -70,7 +71,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
                      f"(bundled: {', '.join(BUNDLED_MODELS)}). Nothing is downloaded; pass a local checkpoint folder.")
 
 
-def _dtype(dtype) -> torch.dtype:
+def parse_dtype(dtype) -> torch.dtype:
+    """A ``torch.dtype`` from a dtype or a name (``fp32``/``float32``, ``fp16``, ``bf16``); None means fp32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -115,7 +117,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
     path = resolve_model_path(name_or_path)
     config = _load_config(path)
     get_adapter(config)  # unknown or non-MoE families fail here, before any weight is read
-    torch_dtype = _dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from mone_export import PruningPlan, load_model
 from mone_export.cli import main
