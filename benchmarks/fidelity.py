@@ -143,6 +143,7 @@ def plot(rows: list[dict], path: Path) -> None:
         base = next(r for r in rows if r["model"] == name and r["method"] == "unpruned")
         for i, ratio in enumerate(ratios):
             ax = axes[i][j]
+            highest = 0.0
             for k, s in enumerate(SOURCES):
                 values = []
                 for method in METHODS:
@@ -150,11 +151,13 @@ def plot(rows: list[dict], path: Path) -> None:
                            if r["model"] == name and r["ratio"] == ratio and r["method"] == method]
                     values.append(statistics.mean(sel) if sel else 0.0)
                 ax.bar([x + 0.4 * k for x in range(len(METHODS))], values, width=0.4, label=s)
+                highest = max(highest, *values)
             ax.set_xticks([x + 0.2 for x in range(len(METHODS))], METHODS, rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{name}, ratio {ratio}", fontsize=9)
             ax.set_ylabel("Δ perplexity", fontsize=8)
             ax.set_yscale("symlog", linthresh=0.1)
-    axes[0][0].legend(fontsize=7)
+            ax.set_ylim(0, highest * 2)
+    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
