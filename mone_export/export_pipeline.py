@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 EXPORT_DTYPES = ("fp32", "fp16")
 """Export dtypes that can be validated (numpy has no bfloat16; ``bf16`` exports need ``validate=False``)."""
 
-DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
-                 "bfloat16": "bf16"}
-
-
 def resolve_output(output: str | os.PathLike) -> Path:
     """The output folder of ``-o``: ``out/model.onnx`` and ``out/`` both mean the folder ``out``."""
     from mone_export.export import MODEL_FILE
@@ -65,9 +61,11 @@ def find_plan_dir(path: str | os.PathLike) -> Path:
 
 
 def _dtype_name(dtype: str, validate: bool) -> str:
-    name = DTYPE_ALIASES.get(str(dtype))
-    if name is None:
-        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}.")
+    import torch
+
+    from mone_export.loading import parse_dtype
+
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[parse_dtype(dtype)]
     if validate and name not in EXPORT_DTYPES:
         raise UsageError(f"--dtype {name} exports cannot be validated here (numpy has no bfloat16); "
                          "pass --no-validate or use fp32/fp16.")
@@ -168,10 +166,10 @@ def export_model(
     from mone_export.loading import check_output_dir, load_model
     from mone_export.novices import apply_plan
     from mone_export.output_folder import output_folder
-    from mone_export.pipeline import calibrate_and_plan
+    from mone_export.pipeline import calibrate_and_plan, check_pruning_options
     from mone_export.plan import PruningPlan
     from mone_export.report import write_report
-    from mone_export.scoring import SCOPES, check_ratio_feasible, method_or_error
+    from mone_export.scoring import check_ratio_feasible
     from mone_export.validate import check_provider, raise_for_failures, validate_export
 
     started = time.perf_counter()
@@ -182,10 +180,7 @@ def export_model(
     if plan_path is None:
         if ratio is None:
             raise UsageError("--ratio is required (or --plan DIR to export a saved plan).")
-        method_or_error(method)
-        if scope not in SCOPES:
-            raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
-        calib.check()
+        check_pruning_options(method, scope, calib)
     if validate:
         check_provider(provider)
     source = _source_record(str(model))

@@ -15,10 +15,10 @@ from mone_export.errors import UsageError
 from mone_export.experts_plot import plot_experts
 from mone_export.loading import check_output_dir, load_model, save_pruned
 from mone_export.novices import apply_plan
-from mone_export.scoring import SCOPES, check_ratio_feasible, method_or_error, plan_pruning
+from mone_export.scoring import check_ratio_feasible, method_or_error, plan_pruning, scope_or_error
 from mone_export.stats import collect_stats
 
-__all__ = ["CalibrationOptions", "calibrate_and_plan", "prune", "parameter_bytes"]
+__all__ = ["CalibrationOptions", "check_pruning_options", "calibrate_and_plan", "prune", "parameter_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ class CalibrationOptions:
             raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size}).")
 
 
+def check_pruning_options(method: str, scope: str, calib: CalibrationOptions) -> None:
+    """Fail before any model is loaded on an unknown method or scope, or calibration counts that make no sample."""
+    method_or_error(method)
+    scope_or_error(scope)
+    calib.check()
+
+
 def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes of every distinct parameter and buffer (tied weights counted once)."""
     seen, total = set(), 0
@@ -57,10 +64,7 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, calib: CalibrationOptions,
                        progress: bool = True):
     """Calibrate ``model`` on ``calib`` and return ``(plan, stats)``; the model is not changed."""
-    method_or_error(method)
-    if scope not in SCOPES:
-        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
-    calib.check()
+    check_pruning_options(method, scope, calib)
     vocab = int(model.config.vocab_size)
     batches = calibration_batches(calib.source, tokenizer, calib.samples, calib.seq_len, seed=calib.seed,
                                   batch_size=calib.batch_size, vocab_size=vocab)
@@ -74,9 +78,8 @@ def prune(model: str, ratio: float, output: str, method: str = "mone", scope: st
           progress: bool = True) -> dict:
     """Load → calibrate → plan → apply → save the pruned model and its plan into ``output``; return the report."""
     started = time.perf_counter()
-    method_or_error(method)
+    check_pruning_options(method, scope, calib)
     check_output_dir(output, overwrite)
-    calib.check()
     loaded, tokenizer = load_model(model, dtype=dtype)
     check_ratio_feasible(loaded, ratio, method, scope)
     before = parameter_bytes(loaded)

@@ -13,7 +13,7 @@ from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
 from mone_export.stats import ExpertStats, LayerStats
 
-__all__ = ["Method", "METHODS", "SCOPES", "method_or_error", "check_ratio_feasible", "layer_scores", "select_pruned", "plan_pruning"]
+__all__ = ["Method", "METHODS", "SCOPES", "method_or_error", "scope_or_error", "check_ratio_feasible", "layer_scores", "select_pruned", "plan_pruning"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,13 @@ def method_or_error(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}.") from None
+
+
+def scope_or_error(scope: str) -> str:
+    """``scope`` when it is a known selection scope; an error listing them otherwise."""
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    return scope
 
 
 def layer_scores(stats: ExpertStats, method: Method, seed: int = 0) -> dict[int, np.ndarray]:
@@ -126,8 +133,7 @@ def check_ratio_feasible(model, ratio: float, method: str, scope: str = "layer")
     from mone_export.adapters import moe_layers_or_error
 
     chosen = method_or_error(method)
-    if scope not in SCOPES:
-        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    scope_or_error(scope)
     _check_ratio(ratio)
     adapter, layers = moe_layers_or_error(model)
     shapes = ExpertStats(adapter.model_type, 0, {l.index: LayerStats(l.num_experts, 1, l.top_k) for l in layers})
@@ -140,9 +146,8 @@ def select_pruned(stats: ExpertStats, scores: dict[int, np.ndarray], ratio: floa
     _check_ratio(ratio)
     if scope == "layer":
         return _select_layer_scope(stats, scores, ratio, method)
-    if scope == "global":
-        return _select_global_scope(stats, scores, ratio, method)
-    raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    scope_or_error(scope)
+    return _select_global_scope(stats, scores, ratio, method)
 
 
 def _novice_vectors(stats: ExpertStats, pruned: dict[int, list[int]], method: Method) -> dict[int, torch.Tensor]:
@@ -172,8 +177,7 @@ def plan_pruning(stats: ExpertStats, ratio: float, method: str = "mone", scope: 
         ``novices`` maps it to ``[n_pruned, H]`` float32 replacement vectors (absent for removal methods).
     """
     chosen = method_or_error(method)
-    if scope not in SCOPES:
-        raise UsageError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}.")
+    scope_or_error(scope)
     _check_ratio(ratio)
     scores = layer_scores(stats, chosen, seed)
     pruned = select_pruned(stats, scores, ratio, chosen, scope)

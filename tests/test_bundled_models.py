@@ -29,12 +29,7 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", 
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _LOADED: dict[str, tuple] = {}
