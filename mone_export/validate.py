@@ -122,7 +122,11 @@ def raise_for_failures(report: dict) -> None:
 
 def ort_providers() -> list[str]:
     """Execution providers this onnxruntime build offers."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu for CUDA), "
+                         "or pass --no-validate.") from None
 
     return list(ort.get_available_providers())
 
