@@ -196,6 +196,42 @@ def _require_file(path: Path) -> None:
         raise UsageError(f"calibration file {str(path)!r} is empty: give a file with text in it")
 
 
+def read_text_file(path: Path) -> str:
+    """A calibration file's text; a UsageError naming the file when it is binary or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"calibration file {str(path)!r} cannot be read ({exc.strerror}): check the path") from None
+    if b"\x00" in data:
+        raise UsageError(f"calibration file {str(path)!r} is binary (it holds NUL bytes): give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"calibration file {str(path)!r} is not UTF-8 text (byte {exc.start}): convert it to UTF-8, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
+
+
+def source_path(source: Any) -> Path | None:
+    """The file or folder a calibration source reads (a .txt/.jsonl file, a ``datasets:`` folder), if any."""
+    if not isinstance(source, (str, os.PathLike)) or (isinstance(source, str) and source in SOURCES):
+        return None
+    text = str(source)
+    if text.startswith(DATASETS_PREFIX):
+        return Path(text[len(DATASETS_PREFIX):])
+    return Path(text)
+
+
+def check_source(source: Any) -> None:
+    """Read and check a file source completely now (binary, not UTF-8, bad JSON lines, empty), before any model work.
+
+    Built-in sources and datasets are checked when they are read.
+    """
+    if _is_dataset(source) or (isinstance(source, str) and (source in SOURCES or source.startswith(DATASETS_PREFIX))):
+        return
+    for _ in iter_texts(source, "all"):
+        pass
+
+
 def _iter_txt(path: Path, split: str) -> Iterator[str]:
     """The single text of a ``.txt`` file (it has no held-out part), read now."""
     if split == "heldout":
@@ -203,7 +239,7 @@ def _iter_txt(path: Path, split: str) -> Iterator[str]:
             f"{str(path)!r} is a .txt file, one document with no held-out part: "
             "use split 'all', or a .jsonl file of several documents"
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if not text.strip():
         raise UsageError(f"calibration file {str(path)!r} is empty: give a file with text in it")
     return iter([text])
@@ -224,14 +260,13 @@ def _jsonl_text(line: str, lineno: int, path: Path) -> str:
 def _iter_jsonl(path: Path, split: str) -> Iterator[str]:
     """The ``"text"`` fields of a ``.jsonl`` file's documents in ``split``."""
     index = 0
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            text = _jsonl_text(line, lineno, path)
-            if _in_split(str(index), split):
-                yield text
-            index += 1
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        text = _jsonl_text(line, lineno, path)
+        if _in_split(str(index), split):
+            yield text
+        index += 1
     if index == 0:
         raise UsageError(f"calibration file {str(path)!r} is empty: give a file with text in it")
 
@@ -318,8 +353,17 @@ def iter_texts(source: Any, split: str = "train") -> Iterator[str]:
     return _iter_txt(path, split) if path.suffix.lower() == ".txt" else _iter_jsonl(path, split)
 
 
+MAX_CALIBRATION_TOKENS = 1 << 24
+"""At most this many calibration tokens (samples × sequence length): far more than pruning needs (a few hundred
+thousand), and a guard against a typo that would ask for terabytes."""
+
+
 def _check_sizes(num_samples: int, seq_len: int, batch_size: int) -> None:
     """Raise a UsageError for a non-positive sample count, too short ``seq_len`` or bad batch size."""
+    if num_samples * seq_len > MAX_CALIBRATION_TOKENS and num_samples >= 1 and seq_len >= 2:
+        raise UsageError(f"{num_samples} samples × {seq_len} tokens = {num_samples * seq_len} calibration tokens is "
+                         f"more than the {MAX_CALIBRATION_TOKENS} allowed: use fewer --calib-samples or a shorter "
+                         "--seq-len (a few hundred thousand tokens are plenty)")
     if num_samples < 1:
         raise UsageError(f"num_samples is {num_samples}: ask for at least 1 calibration sample")
     if seq_len < 2:

@@ -1,20 +1,34 @@
 """The ``mone-export`` command line: thin commands that call one library function each.
 
-Exit codes: 0 success, 1 a failed check (parity), 2 a usage error (bad input; one-line message, no traceback).
+Exit codes: 0 success; 1 a failed check (parity) or an environment error (disk full, out of memory); 2 a usage error
+(bad input; one-line message, no traceback); 3 an internal error (a bug: one line with the path of a log holding the
+traceback); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Whatever the exit, a previous output is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import logging
+import os
+import signal
 import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Iterator
 
-from mone_export.errors import MoneError, ParityError, UsageError
+from mone_export.errors import MoneError, ParityError, Terminated, UsageError
 
-__all__ = ["main", "COMMANDS", "Command", "register_command"]
+__all__ = ["main", "COMMANDS", "Command", "register_command", "EXIT_INTERNAL_ERROR", "crash_log_dir"]
 
 logger = logging.getLogger("mone_export")
+
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,8 +60,9 @@ class Command:
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """--quiet, --json, --overwrite: shared by every command that writes or reports."""
     group = parser.add_argument_group("Output")
-    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    group.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace a previous mone-export output folder (other non-empty folders are refused)")
+    group.add_argument("--quiet", action="store_true", help="print errors only: no progress, log lines or summary")
     group.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -118,6 +133,16 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
                        help="absolute tolerance on logits (default: fp32 1e-4, fp16 2e-2)")
     group.add_argument("--no-validate", dest="validate", action="store_false",
                        help="skip the parity, memory and latency checks (and the unpruned export they compare to)")
+    group.add_argument("--keep-failed", action="store_true",
+                       help="when parity fails, keep the export in OUT.failed for debugging (OUT is never replaced "
+                       "by a failed export)")
+
+
+def add_plan_weights_option(parser: argparse.ArgumentParser) -> None:
+    """--allow-other-weights: apply a plan to weights other than those it was computed on."""
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="apply the plan even though the model's experts differ from those it was computed on "
+                        "(its fingerprint); refused by default")
 
 
 def _print_parity_report(args: argparse.Namespace, command: Command, exc: ParityError) -> None:
@@ -145,6 +170,7 @@ class ExportCommand(Command):
                               "the unpruned model (required unless --plan)")
         parser.add_argument("--plan", metavar="DIR", help="export this saved plan (a plan folder or an output folder "
                             "with plan/) without calibrating; --ratio, --method, --scope and --calib* are not used")
+        add_plan_weights_option(parser)
         add_calibration_options(parser)
         add_export_options(parser)
         add_common_options(parser)
@@ -160,7 +186,8 @@ class ExportCommand(Command):
             return export_model(model=args.model, ratio=args.ratio, output=args.output, method=args.method,
                                 scope=args.scope, calib=calibration_options(args), dtype=args.dtype,
                                 provider=args.provider, validate=args.validate, overwrite=args.overwrite,
-                                progress=not args.quiet, plan_dir=args.plan, atol=args.atol)
+                                progress=not args.quiet, plan_dir=args.plan, atol=args.atol,
+                                keep_failed=args.keep_failed, allow_other_weights=args.allow_other_weights)
         except ParityError as exc:
             _print_parity_report(args, self, exc)
             raise
@@ -189,15 +216,17 @@ class ValidateCommand(Command):
                               help="absolute tolerance on logits (default: fp32 1e-4, fp16 2e-2)")
         optional.add_argument("--no-latency", dest="latency", action="store_false",
                               help="skip the latency measurement")
+        add_plan_weights_option(optional)
         group = parser.add_argument_group("Output")
-        group.add_argument("--quiet", action="store_true", help="no progress or log lines")
+        group.add_argument("--quiet", action="store_true", help="print errors only: no progress, log lines or summary")
         group.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(self, args):
         from mone_export.export_pipeline import validate_folder
 
         report = validate_folder(args.output_dir, model=args.model, provider=args.provider, atol=args.atol,
-                                 latency=args.latency, progress=not args.quiet)
+                                 latency=args.latency, progress=not args.quiet,
+                                 allow_other_weights=args.allow_other_weights)
         if not report["passed"]:
             from mone_export.validate import raise_for_failures
 
@@ -252,16 +281,67 @@ def _with_default_command(argv: list[str]) -> list[str]:
 
 
 def _configure_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    # Progress bars tell the story; the chattier modules only speak up about problems.
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(message)s", force=True)
+    logging.getLogger("mone_export").setLevel(logging.ERROR if quiet else logging.INFO)
+    # Library warnings (deprecations in transformers, torch's tracer notes) are for developers, not for users of the
+    # command: they go to the log at DEBUG level, i.e. nowhere unless a caller configures logging otherwise.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    # Progress bars and stage lines tell the story; the chattier modules only speak up about problems.
     for noisy in ("transformers", "torch", "onnxscript", "onnx_ir", "graph_passes", "mone_export.calibration",
                   "mone_export.novices", "mone_export.stats", "mone_export.validate", "mone_export.export"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated`, so scratch folders and locks are cleaned up."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def crash_log_dir() -> Path:
+    """Where tracebacks of internal errors go: ``$MONE_EXPORT_LOG_DIR``, else ``<tmp>/mone-export``."""
+    return Path(os.environ.get("MONE_EXPORT_LOG_DIR") or Path(tempfile.gettempdir()) / "mone-export")
+
+
+def _write_crash_log(argv: list[str], error: BaseException) -> Path | None:
+    """Write the traceback of an unexpected error with the command line and versions; its path, or None."""
+    from mone_export import __version__
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        folder = crash_log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-{stamp}-{os.getpid()}.log"
+        text = (f"mone-export {__version__}, Python {sys.version.split()[0]}\n"
+                f"command: mone-export {' '.join(argv)}\n\n"
+                + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        path.write_text(text)
+        return path
+    except OSError:
+        return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mone-export`` console script; returns the exit code."""
-    argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
+    argv = _with_default_command([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -274,23 +354,38 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     _configure_logging(quiet)
     _quiet_libraries(quiet)
+    prefix = f"mone-export {command.name}"
     try:
-        report = command.run(args)
+        with _sigterm_unwinds():
+            report = command.run(args)
     except UsageError as exc:
-        print(f"mone-export {command.name}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
     except ParityError as exc:
-        print(f"mone-export {command.name}: parity check failed: {exc}", file=sys.stderr)
+        print(f"{prefix}: parity check failed: {exc}", file=sys.stderr)
         return 1
     except MoneError as exc:
-        print(f"mone-export {command.name}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"{prefix}: error: out of memory; nothing was written (try a machine with more memory, or fewer "
+              "--calib-samples / a shorter --seq-len)", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"mone-export {command.name}: error: {exc}; nothing was written", file=sys.stderr)
+        print(f"{prefix}: error: {exc}; nothing was written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
+        print(f"{prefix}: interrupted; nothing was written (a previous output is unchanged)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prefix}: terminated; nothing was written (a previous output is unchanged)", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Exception as exc:  # a bug: one line for the user, the traceback in a log for the report
+        log = _write_crash_log(argv, exc)
+        where = f"the traceback is in {log}" if log else "run with python -X dev for the traceback"
+        print(f"{prefix}: internal error ({_first_line(exc)}); nothing was written; this is a bug, please report it: "
+              f"{where}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     if getattr(args, "json", False):
         print(json.dumps(report, indent=1))
     elif not quiet:
@@ -299,14 +394,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries(quiet: bool) -> None:
-    import warnings
-
     import transformers
 
     transformers.logging.set_verbosity_error()
-    if quiet:
-        transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,3 +21,8 @@ class PlanMismatchError(UsageError):
 
 class ParityError(MoneError):
     """An exported model's outputs differ from PyTorch by more than the tolerance (CLI exit code 1)."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM. A BaseException like KeyboardInterrupt, so that ``except Exception`` handlers let it
+    through and every ``with`` block (scratch folders, locks) unwinds before the CLI exits 143."""

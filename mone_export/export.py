@@ -175,12 +175,12 @@ class DecoderWithCache(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             return_dict=True,
         )
         present = []
-        for spec, layer in zip(self.specs, out.past_key_values.layers):
+        for spec, layer in zip(self.specs, out.cache.layers):
             present += pack_mla(layer.keys, layer.values) if spec.mla else [layer.keys, layer.values]
         return (out.logits, *present)
 

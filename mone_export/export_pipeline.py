@@ -16,10 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -73,47 +72,60 @@ def _dtype_name(dtype: str, validate: bool) -> str:
 
 
 class _Stages:
-    """A tqdm bar over the pipeline's stages (silent without ``progress``) that also times each stage."""
+    """Times each pipeline stage; a bar on a terminal, one line per finished stage in logs, silent without progress.
+
+    The line is written when a stage *ends* ("load: 0.8 s"), so that an input error found during a stage is the only
+    line on standard error.
+    """
 
     def __init__(self, names: list[str], progress: bool):
-        from tqdm.auto import tqdm
+        from mone_export.progress import progress_bar
 
-        self.bar = tqdm(total=len(names), desc="mone-export", unit="stage", disable=not progress, file=sys.stderr,
-                        leave=False)
-        self.log = logger.info if progress else logger.debug
+        self.names = names
+        self.bar = progress_bar(total=len(names), desc="mone-export", unit="stage", enabled=progress)
+        self.log = logger.info if progress and self.bar.disable else logger.debug
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.bar.set_description(name)
-        self.log("%s ...", name)
         started = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - started, 2)
         self.bar.update(1)
+        self.log("[%d/%d] %s: %.1f s", len(self.seconds), len(self.names), name, self.seconds[name])
 
     def close(self) -> None:
         self.bar.close()
-
-
-@contextlib.contextmanager
-def _scratch_dir(beside: Path, label: str) -> Iterator[Path]:
-    """A temporary folder beside ``beside`` (same file system as the output), always removed."""
-    parent = beside.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{label}-", dir=parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _source_record(model: str) -> dict:
     from mone_export.loading import resolve_model_path
 
     return {"model": str(model), "source_model": str(resolve_model_path(model).resolve())}
+
+
+def failed_output_path(folder: str | os.PathLike) -> Path:
+    """Where ``--keep-failed`` keeps an export that failed its parity check: ``OUT.failed`` beside ``OUT``."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".failed")
+
+
+def run_inputs(model, plan_dir=None, calib: CalibrationOptions | None = None) -> dict:
+    """What a run reads (label → path), which its output may not overlap."""
+    from mone_export.calibration import source_path
+    from mone_export.loading import resolve_model_path
+
+    return {"model folder": resolve_model_path(model), "plan folder": plan_dir,
+            "calibration data": source_path(calib.source) if calib is not None else None}
+
+
+def check_tolerance(atol: float | None) -> None:
+    """A logits tolerance must be a finite non-negative number (NaN would make every check fail, inf none)."""
+    if atol is not None and not (math.isfinite(atol) and atol >= 0):
+        raise UsageError(f"--atol must be a finite number >= 0 (got {atol}).")
 
 
 def export_model(
@@ -132,6 +144,8 @@ def export_model(
     *,
     atol: float | None = None,
     validation_options: dict | None = None,
+    keep_failed: bool = False,
+    allow_other_weights: bool = False,
 ) -> dict:
     """Prune ``model`` with MoNE (or a baseline) and export it to an ONNX Runtime folder; return the report.
 
@@ -139,26 +153,31 @@ def export_model(
         model: a bundled model name or a local Hugging Face checkpoint folder.
         ratio: fraction of routed experts pruned per MoE layer, in [0, 1); 0 exports the unpruned model (the
             reference). Ignored (may be None) with ``plan_dir``, which brings its own.
-        output: the output folder, or ``folder/model.onnx``.
+        output: the output folder, or ``folder/model.onnx``. It may not overlap the model, the plan or the
+            calibration data.
         method, scope, calib: how to score and select experts (see ``mone-export prune``).
         dtype: ``fp32`` or ``fp16`` (``bf16`` only with ``validate=False``).
         provider: ONNX Runtime provider of the validation: ``cpu`` or ``cuda``.
-        validate: check parity, memory and latency (SPEC §4); for the latency comparison the unpruned model is also
-            exported, into a temporary folder beside ``output``.
-        overwrite: replace a non-empty output folder.
-        progress: progress bars and log lines.
+        validate: check parity, memory and latency (docs/validation.md); for the latency comparison the unpruned
+            model is also exported, into the run's scratch folder.
+        overwrite: replace a previous mone-export output in ``output``.
+        progress: progress bars (on a terminal) or one line per finished stage (in logs).
         plan_dir: export from this saved plan (a plan folder, or an output folder with ``plan/``) without calibrating.
-        atol: absolute logits tolerance (default per dtype: fp32 1e-4, fp16 2e-2).
+        atol: absolute logits tolerance (default per dtype, see :data:`mone_export.validate.TOLERANCES`).
         validation_options: extra keyword arguments for :func:`mone_export.validate.validate_export`
             (``decode_steps``, ``new_tokens``, ``latency``, ``prefill_repeats``, ...).
+        keep_failed: when the parity check fails, keep the export in ``OUT.failed`` (see :func:`failed_output_path`)
+            for debugging; ``output`` is never replaced by a failed export.
+        allow_other_weights: export a saved plan onto weights other than those it was computed on (the plan's
+            fingerprint differs); refused by default.
 
     Returns:
         The report (also written to ``report.json``/``report.md``).
 
     Raises:
         UsageError: bad input; nothing is written.
-        ParityError: the export differs from PyTorch beyond tolerance; the folder and its report are written and the
-            error's ``report`` attribute holds the report.
+        ParityError: the export differs from PyTorch beyond tolerance; ``output`` is left as it was (see
+            ``keep_failed``) and the error's ``report`` attribute holds the report.
     """
     from mone_export import __version__
     from mone_export.errors import ParityError
@@ -166,23 +185,30 @@ def export_model(
     from mone_export.loading import check_output_dir, load_model
     from mone_export.novices import apply_plan
     from mone_export.output_folder import output_folder
-    from mone_export.pipeline import calibrate_and_plan, check_pruning_options
+    from mone_export.pipeline import calibrate_and_plan, check_pruning_options, preflight
     from mone_export.plan import PruningPlan
     from mone_export.report import write_report
+    from mone_export.safe_output import RunScratch
     from mone_export.scoring import check_ratio_feasible
     from mone_export.validate import check_provider, raise_for_failures, validate_export
 
     started = time.perf_counter()
     folder = resolve_output(output)
     dtype = _dtype_name(dtype, validate)
-    check_output_dir(folder, overwrite)
+    check_tolerance(atol)
     plan_path = find_plan_dir(plan_dir) if plan_dir is not None else None
+    inputs = run_inputs(model, plan_path, None if plan_path else calib)
+    check_output_dir(folder, overwrite, inputs)
+    failed_folder = failed_output_path(folder)
+    if keep_failed and validate:
+        check_output_dir(failed_folder, True, inputs)
     if plan_path is None:
         if ratio is None:
             raise UsageError("--ratio is required (or --plan DIR to export a saved plan).")
         check_pruning_options(method, scope, calib)
     if validate:
         check_provider(provider)
+    preflight(model, None if plan_path else calib)
     source = _source_record(str(model))
 
     stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
@@ -194,20 +220,21 @@ def export_model(
     try:
         with run.stage("load"):
             loaded, tokenizer = load_model(model, dtype="fp32")
+            if plan_path is None:
+                check_ratio_feasible(loaded, ratio, method, scope)
         if plan_path is not None:
             with run.stage("load plan"):
-                plan = PruningPlan.load(plan_path, model=loaded)
+                plan = PruningPlan.load(plan_path, model=loaded, check_weights=not allow_other_weights)
         else:
-            check_ratio_feasible(loaded, ratio, method, scope)
             with run.stage("calibrate"):
                 plan, _ = calibrate_and_plan(loaded, tokenizer, ratio, method, scope, calib, progress)
         unpruned_bound = lower_bound_bytes(loaded, dtype)
-        with contextlib.ExitStack() as scratch:
+        with RunScratch(folder) as scratch, contextlib.ExitStack() as writing:
             baseline = None
             if validate:
                 with run.stage("export unpruned"):
                     if plan.num_pruned:
-                        baseline = scratch.enter_context(_scratch_dir(folder, "unpruned"))
+                        baseline = scratch.folder("unpruned")
                         export_onnx(loaded, baseline, dtype=dtype, progress=False)
             apply_plan(loaded, plan)
             report = {
@@ -227,7 +254,7 @@ def export_model(
             }
             with run.stage("export"):
                 # Exits first (LIFO): the folder replaces the previous output, then the scratch folder goes.
-                tmp = scratch.enter_context(
+                tmp = writing.enter_context(
                     output_folder(loaded, tokenizer, None, folder, plan=plan, overwrite=overwrite, dtype=dtype))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
             bound = lower_bound_bytes(loaded, dtype)
@@ -248,18 +275,24 @@ def export_model(
             report["validation"] = validation
             report["passed"] = None if validation is None else validation["passed"]
             report["exit_code"] = 0 if validation is None or validation["passed"] else 1
+            failed = report["passed"] is False
+            if failed:
+                # A failed export never replaces the previous output; on request it is kept beside it.
+                report["output_written"] = False
+                report["kept_failed"] = str(failed_folder) if keep_failed else None
             with run.stage("report"):
                 report["timings"] = dict(run.seconds)
                 report["seconds"] = round(time.perf_counter() - started, 2)
                 write_report(tmp, report, plan)
+            if failed:
+                if keep_failed:
+                    scratch.commit(tmp, failed_folder)
+                raise_for_failures(validation)
+    except ParityError as exc:
+        exc.report = report
+        raise
     finally:
         run.close()
-    if validation is not None:
-        try:
-            raise_for_failures(validation)
-        except ParityError as exc:
-            exc.report = report
-            raise
     return report
 
 
@@ -270,9 +303,10 @@ def _report_of(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def validate_folder(
@@ -282,6 +316,7 @@ def validate_folder(
     atol: float | None = None,
     latency: bool = True,
     progress: bool = True,
+    allow_other_weights: bool = False,
     **options,
 ) -> dict:
     """Re-check an export folder against the pruned PyTorch model rebuilt from the original weights and its plan.
@@ -292,6 +327,7 @@ def validate_folder(
             the folder's ``report.json``.
         provider, atol, latency: as in :func:`mone_export.validate.validate_export` (no unpruned export here, so
             latency compares the export with PyTorch eager only).
+        allow_other_weights: accept a ``model`` whose experts differ from those the plan was computed on.
         options: further keyword arguments for ``validate_export``.
 
     Returns:
@@ -301,6 +337,7 @@ def validate_folder(
     from mone_export.export import MODEL_FILE
     from mone_export.loading import load_model, resolve_model_path
     from mone_export.novices import apply_plan
+    from mone_export.pipeline import preflight
     from mone_export.plan import PLAN_FILE, PruningPlan
     from mone_export.validate import check_provider, validate_export
 
@@ -316,13 +353,17 @@ def validate_folder(
             recorded = " or ".join(repr(c) for c in candidates if c) or "none"
             raise UsageError(f"cannot find the original model of {folder} (recorded: {recorded}); "
                              "pass --model NAME_OR_PATH with the unpruned checkpoint.")
+    check_tolerance(atol)
+    has_plan = (folder / "plan" / PLAN_FILE).is_file()
+    if not has_plan and saved.get("num_pruned", 1) != 0:
+        raise UsageError(f"{folder} has no plan/{PLAN_FILE}, so the pruned model cannot be rebuilt to compare with; "
+                         "copy the whole output folder (plan/ included), or export again.")
+    preflight(model)
     log = logger.info if progress else logger.debug
-    log("rebuilding the pruned model from %s and %s", model, folder / "plan")
+    log("rebuilding the pruned model from %s%s", model, f" and {folder / 'plan'}" if has_plan else " (unpruned export)")
     original, _ = load_model(model, dtype="fp32")
-    if (folder / "plan" / PLAN_FILE).is_file():
-        apply_plan(original, PruningPlan.load(folder / "plan", model=original))
-    else:
-        logger.warning("%s has no plan/: validating against the unpruned model", folder)
+    if has_plan:
+        apply_plan(original, PruningPlan.load(folder / "plan", model=original, check_weights=not allow_other_weights))
     report = validate_export(folder, original, provider=provider, atol=atol, latency=latency, progress=progress,
                              **options)
     return {"command": "validate", "model": str(model), "source_model": str(resolve_model_path(model).resolve()),

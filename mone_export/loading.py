@@ -6,8 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +14,7 @@ import torch
 from mone_export.adapters import get_adapter, moe_layers_or_error
 from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
+from mone_export.safe_output import atomic_folder, check_output_target
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -25,6 +24,7 @@ __all__ = [
     "parse_dtype",
     "save_pruned",
     "check_output_dir",
+    "preflight_model",
     "atomic_output_dir",
     "PRUNED_MARKER",
 ]
@@ -100,6 +100,22 @@ def _load_config(path: Path):
         raise UsageError(f"{path} does not hold a config transformers can read ({str(exc).splitlines()[0]}).") from None
 
 
+def preflight_model(name_or_path: str | os.PathLike):
+    """Check a model without loading its weights: folder, config, MoE family and weight files; return the config.
+
+    Cheap (it reads the config and the safetensors headers), so commands call it before their first stage: a
+    truncated file or a missing expert tensor is reported before minutes of work, not after.
+    """
+    from mone_export.checkpoint import check_checkpoint_files
+
+    path = resolve_model_path(name_or_path)
+    config = _load_config(path)
+    get_adapter(config)
+    if not (path / PRUNED_MARKER).is_file():
+        check_checkpoint_files(path)
+    return config
+
+
 def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation: str | None = None):
     """Load a transformers 5.x MoE causal LM and its tokenizer from a local folder or bundled name.
 
@@ -112,7 +128,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
     Returns:
         ``(model, tokenizer)``, the model in eval mode; ``tokenizer`` is None when the folder has none.
     """
-    import transformers
+    from mone_export.checkpoint import load_pretrained_checked
 
     path = resolve_model_path(name_or_path)
     config = _load_config(path)
@@ -127,7 +143,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
     if (path / PRUNED_MARKER).is_file():
         model = _load_pruned(path, config, kwargs)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+        model = load_pretrained_checked(path, **kwargs)
     moe_layers_or_error(model)
     model.eval()
     return model, _load_tokenizer(path)
@@ -156,62 +172,51 @@ def _load_pruned(path: Path, config, kwargs):
 
     from mone_export.novices import apply_plan
 
-    marker = json.loads((path / PRUNED_MARKER).read_text())
+    try:
+        marker = json.loads((path / PRUNED_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path / PRUNED_MARKER} is not a readable mone-export marker ({exc}); prune again.") from None
     if hasattr(config, "mone_pruning"):
         del config.mone_pruning
-    plan = PruningPlan.load(path / marker.get("plan", PLAN_SUBDIR))
+    plan = PruningPlan.load(path / str(marker.get("plan", PLAN_SUBDIR)))
     model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     apply_plan(model, plan)
-    load_safetensors(model, str(path / marker.get("weights", PRUNED_WEIGHTS)), strict=True)
+    weights = path / str(marker.get("weights", PRUNED_WEIGHTS))
+    if not weights.is_file():
+        raise UsageError(f"{weights} is missing: the pruned folder is incomplete; copy all of it, or prune again.")
+    try:
+        load_safetensors(model, str(weights), strict=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"cannot load {weights}: {message}; prune again.") from None
     return model
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output folder that is a file, non-empty without ``overwrite``, or not writable."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output {path} exists and is not a folder; choose another -o.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"output folder {path} is not empty; pass --overwrite to replace it, or choose another -o.")
-    parent = path if path.is_dir() else _existing_parent(path)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {parent} is not writable; choose another -o.")
-    return path
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs: dict | None = None) -> Path:
+    """Refuse an output folder that overlaps an input, is a file or a link, or is non-empty without ``overwrite``.
+
+    See :func:`mone_export.safe_output.check_output_target` (``inputs``: label → path of what must not be touched;
+    the bundled models are always among them).
+    """
+    return check_output_target(path, overwrite, {**bundled_roots_as_inputs(), **(inputs or {})})
 
 
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
+def bundled_roots_as_inputs() -> dict[str, Path]:
+    """The folders of the bundled models, as inputs no output may overlap."""
+    labels = ("bundled models (package data)", "bundled models folder")
+    return {label: root for label, root in zip(labels, _bundled_roots()) if root.is_dir()}
 
 
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed.
+    """Yield a folder to build ``path`` in; on success it replaces ``path`` atomically, on failure it is removed.
 
-    A failure leaves any previous content of ``path`` intact and no partial files behind.
+    A failure, or the process being killed at any moment, leaves any previous content of ``path`` intact; scratch
+    left by a killed run is removed by the next one (:mod:`mone_export.safe_output`).
     """
-    path = Path(path).absolute()
     check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    # mkdtemp makes a private (0700) folder; give the output the permissions of a normally created folder.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    with atomic_folder(path) as tmp:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_standard_checkpoint(model, plan: PruningPlan) -> bool:

@@ -104,7 +104,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     leaves every MoE layer with the same expert count also updates the config, so the model saves as a
     standard checkpoint with fewer experts.
     """
-    plan.validate_for(model)
+    # Shapes only: whether the weights are the plan's is checked where a plan is read for a model
+    # (PruningPlan.load(..., model=)), and a pruned folder applies its plan before its weights are loaded.
+    plan.validate_for(model, check_weights=False)
     adapter, layers = moe_layers_or_error(model)
     for layer in layers:
         pruned = plan.pruned.get(layer.index, [])

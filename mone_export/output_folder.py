@@ -4,11 +4,18 @@ Layout::
 
     out/
       model.onnx (+ model.onnx.data above ~2 GiB)
-      config.json, generation_config.json     (transformers)
-      tokenizer files                         (when the model has a tokenizer)
+      config.json, generation_config.json     (transformers 5.x and 4.5x, e.g. Optimum's ORTModelForCausalLM)
+      tokenizer files                         (when the model has a tokenizer; also readable by transformers 4.5x)
       genai_config.json                       (onnxruntime-genai)
       plan/                                   (the pruning plan, when given)
       ...                                     (whatever the caller adds, e.g. report.json)
+
+transformers 5 writes files a 4.x reader misreads or rejects (``tokenizer_class: TokenizersBackend``, a 5.x class; no
+``model_input_names``, so a 4.x tokenizer also returns ``token_type_ids``; its loader state ``is_local`` /
+``local_files_only`` / ``backend``; ``rope_theta`` only inside ``rope_parameters``, so 4.57's MixtralConfig silently
+falls back to its own default); the writer adds the 4.x spellings beside the 5.x ones
+(:func:`tokenizer_config_for_transformers_4`, :func:`config_for_transformers_4`), so both major versions, e.g.
+Optimum's ``ORTModelForCausalLM`` on transformers 4.57, read the same values (tests/test_clients.py).
 
 Everything is written into a temporary folder beside ``out`` that replaces it only when every file is there
 (:func:`mone_export.loading.atomic_output_dir`): a failure leaves the previous ``out`` intact and no temp files.
@@ -27,14 +34,30 @@ from typing import Callable, Iterator
 from mone_export.export import MODEL_FILE, cache_shapes, export_onnx
 from mone_export.loading import atomic_output_dir
 from mone_export.onnx_utils import DATA_SUFFIX, save_model
+from mone_export.safe_output import OUTPUT_MARKER
 
-__all__ = ["GENAI_CONFIG", "genai_config", "output_folder", "write_output_folder"]
+__all__ = ["GENAI_CONFIG", "config_for_transformers_4", "genai_config", "make_readable_by_transformers_4",
+           "output_folder", "output_marker", "tokenizer_config_for_transformers_4", "write_output_folder"]
 
 logger = logging.getLogger(__name__)
 
 GENAI_CONFIG = "genai_config.json"
 PLAN_SUBDIR = "plan"
 GENAI_MODEL_TYPE = "decoder"  # onnxruntime-genai's generic decoder-only model (the graph does all the modelling)
+CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+# The tokenizer outputs the graph takes (position_ids come from the client). Without this list a 4.x tokenizer also
+# returns token_type_ids, which generate() then passes on and the graph rejects.
+GRAPH_TEXT_INPUTS = ["input_ids", "attention_mask"]
+# What transformers 5 records in tokenizer_config.json about how the tokenizer was loaded: loader state, not
+# tokenizer settings (5.x's default backend for a tokenizer.json is "tokenizers" anyway).
+TOKENIZER_LOADER_KEYS = ("backend", "files_loaded", "is_local", "local_files_only")
+# The class both major versions build from tokenizer.json alone (5.x maps it to its TokenizersBackend).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# 5.x's generic tokenizers-backed class: no such class in 4.x. Model-specific names (``Qwen2Tokenizer``) are kept: 4.x
+# builds their ``...Fast`` class from tokenizer.json, and onnxruntime-genai's tokenizer keys model quirks on the name.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend",)
 
 
 def _first(*values):
@@ -152,6 +175,82 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def tokenizer_config_for_transformers_4(tokenizer_config: dict, has_tokenizer_json: bool = True) -> dict:
+    """``tokenizer_config.json`` as transformers 5 wrote it, made readable by 4.5x too (5.x reads it the same).
+
+    - the 5.x loader keys (:data:`TOKENIZER_LOADER_KEYS`) are dropped;
+    - a generic 5.x ``tokenizer_class`` (:data:`GENERIC_TOKENIZER_CLASSES`), or none, becomes
+      ``PreTrainedTokenizerFast`` when ``tokenizer.json`` is there: ``TokenizersBackend`` does not exist in 4.x, and
+      the fast file fully defines the tokenization in both (5.x reads ``PreTrainedTokenizerFast`` as
+      ``TokenizersBackend``); model-specific class names are kept;
+    - ``model_input_names`` is the graph's :data:`GRAPH_TEXT_INPUTS`;
+    - a list ``extra_special_tokens`` (5.x) becomes ``additional_special_tokens``: 4.x wants a dict under the 5.x
+      name and fails on a list, and 5.x reads the old name into the same list.
+    """
+    config = {key: value for key, value in tokenizer_config.items() if key not in TOKENIZER_LOADER_KEYS}
+    if has_tokenizer_json and config.get("tokenizer_class") in (None, *GENERIC_TOKENIZER_CLASSES):
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    config["model_input_names"] = list(GRAPH_TEXT_INPUTS)
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        known = config.get("additional_special_tokens") or []
+        config["additional_special_tokens"] = known + [token for token in extra if token not in known]
+    return config
+
+
+def _flat_rope_parameters(config: dict) -> dict | None:
+    """The one ``rope_parameters`` dict of a 5.x config, or None (no RoPE, or one dict per layer type)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return None  # nested per layer type: 4.x has no spelling for it
+    return rope
+
+
+def config_for_transformers_4(config: dict) -> dict:
+    """``config.json`` as transformers 5 wrote it, with the 4.x spellings of its RoPE settings added.
+
+    4.x reads a top-level ``rope_theta`` (its config classes otherwise use their own default: 1e6 for Mixtral) and,
+    for scaled RoPE, ``rope_scaling`` (the same dict without ``rope_theta``). 5.x reads ``rope_scaling`` as
+    ``rope_parameters`` and takes ``rope_theta`` from the top level, so it rebuilds the same dict; ``rope_scaling``
+    is left out for the default type, where 4.x wants none. Everything else in the supported families' configs
+    already means the same to 4.57 (checked per family in tests/test_clients.py).
+    """
+    rope = _flat_rope_parameters(config)
+    if rope is None:
+        if config.get("rope_parameters"):
+            logger.warning("rope_parameters per layer type have no transformers 4.x spelling; %s keeps only the 5.x "
+                           "one", CONFIG_FILE)
+        return dict(config)
+    config = {**config, "rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+    return config
+
+
+def _rewrite_json(path: Path, transform: Callable[[dict], dict]) -> None:
+    if path.is_file():
+        _write_json(path, transform(json.loads(path.read_text())))
+
+
+def make_readable_by_transformers_4(folder: str | os.PathLike) -> None:
+    """Rewrite the transformers files 5.x saved in ``folder`` so 4.5x readers (Optimum) load the same settings.
+
+    Idempotent; files that are not there are skipped.
+    """
+    folder = Path(folder)
+    _rewrite_json(folder / CONFIG_FILE, config_for_transformers_4)
+    has_tokenizer_json = (folder / TOKENIZER_FILE).is_file()
+    _rewrite_json(folder / TOKENIZER_CONFIG, lambda c: tokenizer_config_for_transformers_4(c, has_tokenizer_json))
+
+
+def output_marker(dtype: str) -> dict:
+    """The contents of the folder's ``mone_export.json``: what lets a later ``--overwrite`` know the folder is ours."""
+    from mone_export import __version__  # the package imports this module: resolve its version at call time
+
+    return {"written_by": "mone-export", "version": __version__, "dtype": dtype}
+
+
 @contextlib.contextmanager
 def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan=None, overwrite: bool = False,
                   dtype: str = "fp32") -> Iterator[Path]:
@@ -176,7 +275,9 @@ def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan
             model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        make_readable_by_transformers_4(tmp)
         _write_json(tmp / GENAI_CONFIG, genai_config(model, tokenizer))
+        _write_json(tmp / OUTPUT_MARKER, output_marker(dtype))
         if plan is not None:
             plan.save(tmp / PLAN_SUBDIR)
         yield tmp

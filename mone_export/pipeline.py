@@ -10,17 +10,21 @@ from pathlib import Path
 
 import torch
 
-from mone_export.calibration import calibration_batches, describe_source
+from mone_export.calibration import MAX_CALIBRATION_TOKENS, calibration_batches, describe_source
 from mone_export.errors import UsageError
 from mone_export.experts_plot import plot_experts
-from mone_export.loading import check_output_dir, load_model, save_pruned
+from mone_export.loading import check_output_dir, load_model, preflight_model, resolve_model_path, save_pruned
 from mone_export.novices import apply_plan
 from mone_export.scoring import check_ratio_feasible, method_or_error, plan_pruning, scope_or_error
 from mone_export.stats import collect_stats
 
-__all__ = ["CalibrationOptions", "check_pruning_options", "calibrate_and_plan", "prune", "parameter_bytes"]
+__all__ = ["CalibrationOptions", "check_pruning_options", "check_sequence_length", "calibrate_and_plan", "preflight",
+           "prune", "parameter_bytes", "MAX_SEED"]
 
 logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+"""numpy's and torch's seeds are 64-bit; the random method draws from numpy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +38,42 @@ class CalibrationOptions:
     batch_size: int = 8
 
     def check(self) -> None:
-        """Reject counts that cannot make a sample."""
+        """Reject counts that cannot make a sample, a seed numpy cannot take, and unreadable calibration files."""
+        from mone_export.calibration import check_source
+
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be in [0, 2**63 - 1] (got {self.seed}).")
         if self.samples < 1:
             raise UsageError(f"--calib-samples must be at least 1 (got {self.samples}).")
         if self.seq_len < 2:
             raise UsageError(f"--seq-len must be at least 2 (got {self.seq_len}).")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.samples * self.seq_len > MAX_CALIBRATION_TOKENS:
+            raise UsageError(f"--calib-samples {self.samples} × --seq-len {self.seq_len} = "
+                             f"{self.samples * self.seq_len} calibration tokens is more than the "
+                             f"{MAX_CALIBRATION_TOKENS} allowed; a few hundred thousand tokens are plenty.")
+        check_source(self.source)
+
+
+def check_sequence_length(config, seq_len: int) -> None:
+    """Calibration sequences may not be longer than the model's context (``max_position_embeddings``)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seq_len > int(limit):
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens "
+                         "(max_position_embeddings); use at most that.")
+
+
+def preflight(model, calib: CalibrationOptions | None = None):
+    """Every check that needs no weights in memory (model files, calibration options and data); returns the config.
+
+    Run before the first stage, so that a bad input costs seconds and is the only line the user sees.
+    """
+    config = preflight_model(model)
+    if calib is not None:
+        calib.check()
+        check_sequence_length(config, calib.seq_len)
+    return config
 
 
 def check_pruning_options(method: str, scope: str, calib: CalibrationOptions) -> None:
@@ -77,9 +110,13 @@ def prune(model: str, ratio: float, output: str, method: str = "mone", scope: st
           calib: CalibrationOptions = CalibrationOptions(), dtype: str = "fp32", overwrite: bool = False,
           progress: bool = True) -> dict:
     """Load → calibrate → plan → apply → save the pruned model and its plan into ``output``; return the report."""
+    from mone_export.calibration import source_path
+
     started = time.perf_counter()
+    check_output_dir(output, overwrite, {"model folder": resolve_model_path(model),
+                                         "calibration data": source_path(calib.source)})
     check_pruning_options(method, scope, calib)
-    check_output_dir(output, overwrite)
+    preflight(model, calib)
     loaded, tokenizer = load_model(model, dtype=dtype)
     check_ratio_feasible(loaded, ratio, method, scope)
     before = parameter_bytes(loaded)

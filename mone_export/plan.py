@@ -7,21 +7,26 @@ On disk a plan is a folder with ``plan.json`` (everything but the novice vectors
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mone_export.errors import PlanMismatchError, UsageError
 
 __all__ = ["PruningPlan", "PLAN_VERSION", "PLAN_FILE", "NOVICES_FILE"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+"""Version 2 adds ``model.experts_fingerprint`` and binds ``novices.safetensors`` to ``plan.json``; 1 still loads."""
+READABLE_VERSIONS = (1, 2)
 PLAN_FILE = "plan.json"
 NOVICES_FILE = "novices.safetensors"
+logger = logging.getLogger(__name__)
 FORMAT = "mone-export/pruning-plan"
 REPLACEMENTS = ("novice", "zero", "remove")
 
@@ -80,14 +85,17 @@ class PruningPlan:
             "num_experts": {i: l.num_experts for i, l in stats.layers.items()},
             "top_k": {i: l.top_k for i, l in stats.layers.items()},
         }
+        if stats.experts_fingerprint:
+            model["experts_fingerprint"] = stats.experts_fingerprint
         return cls(pruned=pruned, novices=novices, model=model, calibration=dict(stats.calibration), experts=experts, **how)
 
     # -- validation ---------------------------------------------------------------------------------
 
     def check(self) -> None:
         """Internal consistency: known replacement, indices in range, novices shaped like ``pruned``."""
-        if self.version != PLAN_VERSION:
-            raise UsageError(f"plan version {self.version} is not supported (this mone-export reads version {PLAN_VERSION}).")
+        if self.version not in READABLE_VERSIONS:
+            raise UsageError(f"plan version {self.version} is not supported (this mone-export reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}); make the plan again with this version.")
         if self.replacement not in REPLACEMENTS:
             raise UsageError(f"plan replacement {self.replacement!r} is not one of {REPLACEMENTS}.")
         num_experts = {int(k): int(v) for k, v in self.model.get("num_experts", {}).items()}
@@ -109,8 +117,13 @@ class PruningPlan:
                 shape = None if vectors is None else tuple(vectors.shape)
                 raise UsageError(f"plan layer {index}: novice vectors have shape {shape}, expected {(len(experts), hidden)}.")
 
-    def validate_for(self, model) -> None:
-        """Raise :class:`PlanMismatchError` naming the mismatch when this plan does not fit ``model``."""
+    def validate_for(self, model, check_weights: bool = True) -> None:
+        """Raise :class:`PlanMismatchError` naming the mismatch when this plan does not fit ``model``.
+
+        With ``check_weights`` the model's routed experts must also be the ones the plan was computed on (same
+        :func:`~mone_export.fingerprint.experts_fingerprint`); a plan without a fingerprint (version 1) is accepted
+        with a warning.
+        """
         from mone_export.adapters import moe_layers_or_error
 
         adapter, layers = moe_layers_or_error(model)
@@ -137,6 +150,24 @@ class PruningPlan:
                     f"layer {index} has {have[index]} experts but the plan expects {n} (E mismatch); "
                     "apply the plan to the original, unpruned model."
                 )
+        if check_weights:
+            self._check_fingerprint(model)
+
+    def _check_fingerprint(self, model) -> None:
+        from mone_export.fingerprint import experts_fingerprint
+
+        expected = self.model.get("experts_fingerprint")
+        if not expected:
+            logger.warning("the plan records no experts fingerprint (plan version %s): cannot check that it was "
+                           "computed on these weights", self.version)
+            return
+        actual = experts_fingerprint(model)
+        if actual != expected:
+            raise PlanMismatchError(
+                f"the plan was computed on other weights (experts fingerprint {expected[:19]}..., this model's "
+                f"{actual[:19]}...): calibrate this model instead, or pass --allow-other-weights to apply the plan "
+                "anyway."
+            )
 
     # -- derived --------------------------------------------------------------------------------------
 
@@ -176,29 +207,49 @@ class PruningPlan:
         """Write ``plan.json`` and ``novices.safetensors`` into ``directory`` (atomically, file by file)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
-        _atomic_write(directory / PLAN_FILE, lambda p: p.write_text(text + "\n"))
         tensors = {f"layers.{k}": v.detach().to(torch.float32).contiguous() for k, v in self.novices.items()}
-        _atomic_write(directory / NOVICES_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+        # The novice file names the experts its rows belong to, and plan.json holds the file's hash: a novice file
+        # of another plan (even one pruning as many experts) is rejected on load. The ids are tensors, not
+        # metadata: safetensors writes a metadata map in random order, which would make the file (and hash) vary.
+        tensors.update({f"{EXPERT_IDS_PREFIX}{k}": torch.tensor(self.pruned[k], dtype=torch.int64)
+                        for k in self.novices})
+        metadata = {"format": FORMAT}
+        _atomic_write(directory / NOVICES_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
+        data = {**self.to_dict(), "version": PLAN_VERSION, "novices_sha256": _file_sha256(directory / NOVICES_FILE)}
+        text = json.dumps(data, indent=1, sort_keys=True)
+        _atomic_write(directory / PLAN_FILE, lambda p: p.write_text(text + "\n"))
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, model=None) -> "PruningPlan":
-        """Read a plan folder; with ``model``, also check that the plan fits it."""
+    def load(cls, directory: str | os.PathLike, model=None, check_weights: bool = True) -> "PruningPlan":
+        """Read a plan folder; with ``model``, also check that the plan fits it (and, with ``check_weights``, that
+        it was computed on the same expert weights)."""
         directory = Path(directory)
         path = directory / PLAN_FILE
         if not path.is_file():
             raise UsageError(f"{directory} holds no {PLAN_FILE}; pass the folder a plan was saved to.")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path} is not valid JSON ({exc}); save the plan again.") from None
-        if data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UsageError(f"{path} is not a mone-export pruning plan.")
-        novices_path = directory / NOVICES_FILE
-        tensors = load_file(str(novices_path)) if novices_path.is_file() else {}
+        tensors = _load_novices(directory, data)
+        try:
+            plan = cls._from_dict(data, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, UsageError):
+                raise
+            raise UsageError(f"{path} is not a complete pruning plan ({type(exc).__name__}: {exc}); "
+                             "save the plan again.") from None
+        if model is not None:
+            plan.validate_for(model, check_weights=check_weights)
+        return plan
+
+    @classmethod
+    def _from_dict(cls, data: dict, tensors: dict) -> "PruningPlan":
         spec = data["model"]
-        plan = cls(
+        return cls(
             pruned={int(k): v for k, v in data["pruned"].items()},
             novices={int(k.split(".", 1)[1]): v for k, v in tensors.items()},
             method=data["method"],
@@ -215,9 +266,6 @@ class PruningPlan:
             experts={int(k): v for k, v in data.get("experts", {}).items()},
             version=int(data["version"]),
         )
-        if model is not None:
-            plan.validate_for(model)
-        return plan
 
     def summary(self) -> dict[str, Any]:
         """Short machine-readable summary: method, ratio, scope, pruned counts per layer."""
@@ -229,6 +277,50 @@ class PruningPlan:
             "num_pruned": self.num_pruned,
             "num_experts": int(sum(self.model["num_experts"].values())),
         }
+
+
+EXPERT_IDS_PREFIX = "experts."
+"""Tensors ``experts.{layer}`` in ``novices.safetensors``: the pruned expert ids, in the order of the novice rows."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_novices(directory: Path, data: dict) -> dict[str, torch.Tensor]:
+    """The novice vectors of a plan folder, checked to belong to its ``plan.json``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = directory / NOVICES_FILE
+    if not path.is_file():
+        if data.get("replacement") != "remove" and any(data.get("pruned", {}).values()):
+            raise UsageError(f"{directory} has no {NOVICES_FILE}, which this {data.get('replacement')} plan needs; "
+                             "copy the whole plan folder.")
+        return {}
+    expected_hash = data.get("novices_sha256")
+    if expected_hash and _file_sha256(path) != expected_hash:
+        raise UsageError(f"{path} does not belong to {directory / PLAN_FILE} (its hash differs from the one the plan "
+                         "recorded): copy the plan folder as a whole.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                         "save the plan again.") from None
+    rows = {int(key[len(EXPERT_IDS_PREFIX):]): tensors.pop(key).tolist() for key in list(tensors)
+            if key.startswith(EXPERT_IDS_PREFIX)}
+    if rows:
+        plan_rows = {int(k): sorted(int(e) for e in v) for k, v in data.get("pruned", {}).items() if v}
+        for layer, ids in sorted(rows.items()):
+            if plan_rows.get(layer) != sorted(ids):
+                raise UsageError(f"{path} holds novices of layer {layer} for experts {sorted(ids)}, but the plan prunes "
+                                 f"{plan_rows.get(layer, [])} there: the files come from different plans.")
+    return tensors
 
 
 def _atomic_write(path: Path, write) -> None:

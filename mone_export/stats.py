@@ -17,10 +17,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mone_export.adapters import MoeLayer, expert_forward, moe_layers_or_error
 from mone_export.errors import UsageError
+from mone_export.fingerprint import experts_fingerprint
+from mone_export.progress import progress_bar
 
 __all__ = ["LayerStats", "ExpertStats", "collect_stats", "recording_experts"]
 
@@ -101,6 +102,8 @@ class ExpertStats:
     num_hidden_layers: int
     layers: dict[int, LayerStats]
     calibration: dict = dataclasses.field(default_factory=dict)
+    experts_fingerprint: str | None = None
+    """:func:`mone_export.fingerprint.experts_fingerprint` of the model the statistics were collected on."""
 
     @property
     def num_tokens(self) -> int:
@@ -164,11 +167,12 @@ def collect_stats(
     Args:
         model: a transformers causal LM of a supported MoE family, unpruned.
         batches: calibration token batches (see :func:`mone_export.calibration_batches`).
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (on a terminal only).
         calibration: a description of the data, kept in the stats and the plan.
     """
     adapter, layers = moe_layers_or_error(model)
     _check_unpruned(layers)
+    fingerprint = experts_fingerprint(model)
     stats = {
         layer.index: LayerStats(layer.num_experts, layer.hidden_size, layer.top_k) for layer in layers
     }
@@ -177,10 +181,10 @@ def collect_stats(
         raise UsageError("no calibration batches were given; pass at least one [B, S] token batch.")
     device = next(model.parameters()).device
     with recording_experts(model, stats), torch.inference_mode():
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+        for batch in progress_bar(batches, desc="calibrating", unit="batch", enabled=progress):
             model(input_ids=batch.to(device), use_cache=False)
     tokens = sum(int(b.numel()) for b in batches)
     logger.info("collected expert statistics over %d tokens in %d MoE layers", tokens, len(stats))
     info = dict(calibration or {})
     info.setdefault("tokens", tokens)
-    return ExpertStats(adapter.model_type, int(model.config.num_hidden_layers), stats, info)
+    return ExpertStats(adapter.model_type, int(model.config.num_hidden_layers), stats, info, fingerprint)

@@ -254,9 +254,9 @@ def _torch_step(model, input_ids, attention_mask, position_ids, cache):
         cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask),
-                    position_ids=torch.as_tensor(position_ids), past_key_values=cache, use_cache=True,
+                    position_ids=torch.as_tensor(position_ids), cache=cache, use_cache=True,
                     return_dict=True)
-    return out.logits, out.past_key_values
+    return out.logits, out.cache
 
 
 def _eos_ids(model) -> set[int]:

@@ -141,13 +141,29 @@ def test_validate_needs_the_original_model(default_export, tmp_path, capsys):
     assert code == 2 and "--model" in err
 
 
-def test_export_parity_failure_writes_report_and_exits_1(model_dir, tmp_path, capsys, fast_validation):
+def test_parity_failure_exits_1_and_never_replaces_the_previous_output(model_dir, tmp_path, capsys,
+                                                                       fast_validation):
     out = tmp_path / "strict"
-    code, stdout, err = run(["--model", model_dir, "--ratio", "0.5", "-o", out, "--calib", "random", *CALIB,
-                             "--atol", "0", "--json", "--quiet"], capsys)
+    code, _, err = run(["--model", model_dir, "--ratio", "0.5", "-o", out, "--calib", "random", *CALIB, "--quiet"],
+                       capsys)
+    assert code == 0, err
+    before = snapshot(out)
+    code, stdout, err = run(["--model", model_dir, "--ratio", "0.25", "-o", out, "--calib", "random", *CALIB,
+                             "--atol", "0", "--json", "--quiet", "--overwrite"], capsys)
     assert code == 1 and "parity check failed: logits at prefill" in err and "tolerance 0e+00" in err
-    assert json.loads(stdout)["passed"] is False
-    assert json.loads((out / "report.json").read_text())["exit_code"] == 1
+    report = json.loads(stdout)
+    assert report["passed"] is False and report["output_written"] is False and report["kept_failed"] is None
+    assert snapshot(out) == before  # the good export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict"]  # no scratch, no .failed
+
+    code, stdout, err = run(["--model", model_dir, "--ratio", "0.25", "-o", out, "--calib", "random", *CALIB,
+                             "--atol", "0", "--json", "--quiet", "--overwrite", "--keep-failed"], capsys)
+    assert code == 1 and snapshot(out) == before
+    kept = tmp_path / "strict.failed"
+    assert json.loads(stdout)["kept_failed"] == str(kept)
+    failed_report = json.loads((kept / "report.json").read_text())
+    assert failed_report["exit_code"] == 1 and failed_report["ratio"] == 0.25 and (kept / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict", "strict.failed"]
 
 
 def test_ratio_zero_exports_the_unpruned_model(model_dir, tmp_path, capsys):

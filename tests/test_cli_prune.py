@@ -128,8 +128,13 @@ def test_output_rules(model_dir, tmp_path, capsys):
     argv = ["prune", "--model", str(model_dir), "--ratio", "0.5", "-o", str(out), *CALIB]
     code, _, err = run(argv, capsys)
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "previous"
-    assert run([*argv, "--overwrite"], capsys)[0] == 0
-    assert not (out / "keep.txt").exists() and (out / "plan/plan.json").is_file()
+    code, _, err = run([*argv, "--overwrite"], capsys)  # --overwrite never replaces a folder mone-export did not write
+    assert code == 2 and "not written by mone-export" in err and (out / "keep.txt").read_text() == "previous"
+    (out / "keep.txt").unlink()
+    assert run(argv, capsys)[0] == 0 and (out / "plan/plan.json").is_file()
+    (out / "plan/extra.txt").write_text("stale")
+    assert run([*argv, "--overwrite"], capsys)[0] == 0  # a previous mone-export output is replaced whole
+    assert not (out / "plan/extra.txt").exists() and (out / "plan/plan.json").is_file()
     afile = tmp_path / "afile"
     afile.write_text("x")
     code, _, err = run(["prune", "--model", str(model_dir), "--ratio", "0.5", "-o", str(afile), *CALIB], capsys)

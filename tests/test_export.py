@@ -148,13 +148,13 @@ def prefill_and_decode(session, model, batch=2, seq=7, steps=3, seed=0, dtype=np
         ref = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         logits, past = ort_step(session, ids.numpy(), mask.numpy(), positions.numpy(), empty_past(session, batch, dtype))
         diffs.append(float(np.abs(logits.astype(np.float32) - ref.logits.float().numpy()).max()))
-        cache = ref.past_key_values
+        cache = ref.cache
         for step in range(steps):
             nxt = torch.randint(0, vocab, (batch, 1), generator=gen)
             mask = torch.ones(batch, seq + step + 1, dtype=torch.long)
             positions = torch.full((batch, 1), seq + step)
-            ref = model(input_ids=nxt, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            cache = ref.past_key_values
+            ref = model(input_ids=nxt, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            cache = ref.cache
             logits, past = ort_step(session, nxt.numpy(), mask.numpy(), positions.numpy(), past)
             diffs.append(float(np.abs(logits.astype(np.float32) - ref.logits.float().numpy()).max()))
     return diffs
@@ -225,7 +225,7 @@ def test_left_padded_batch_matches_pytorch(exports):
         nxt = torch.tensor([[11], [12]])
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         positions = positions[:, -1:] + 1
-        ref = model(input_ids=nxt, attention_mask=mask, position_ids=positions, past_key_values=ref.past_key_values,
+        ref = model(input_ids=nxt, attention_mask=mask, position_ids=positions, cache=ref.cache,
                     use_cache=True)
         logits, _ = ort_step(session, nxt.numpy(), mask.numpy(), positions.numpy(), past)
         assert np.abs(logits - ref.logits.numpy()).max() <= FP32_ATOL

@@ -1,0 +1,233 @@
+"""Checkpoint integrity: every weight a model needs is in its files, whole, with the right shape; else a clear error.
+
+Two layers of checks, both naming the file or tensor at fault (a :class:`~mone_export.errors.UsageError`, CLI exit 2):
+
+1. :func:`check_checkpoint_files`, before any weight is read: the weight files exist (a sharded index lists no
+   missing shard: an interrupted download), every safetensors header parses and its tensors exactly cover the file
+   (a truncated or corrupt file), and the per-expert tensors (``...experts.{j}.{name}``, the names checkpoints use)
+   are complete and of one shape across experts.
+2. :func:`load_pretrained_checked`, around transformers' own loading: the load report transformers builds (missing,
+   unexpected and wrongly shaped tensors, errors while fusing the per-expert tensors) becomes an error instead of a
+   log table and a randomly initialised weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Iterator
+
+from mone_export.errors import UsageError
+
+__all__ = ["WEIGHT_FILES", "weight_files", "safetensors_header", "check_checkpoint_files", "load_pretrained_checked"]
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS, TORCH_BIN_INDEX, TORCH_BIN)
+"""The weight files transformers reads, in the order it prefers them."""
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<leaf>.+)$")
+_SHOWN = 3
+
+
+def _listed(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _read_index(path: Path) -> list[Path]:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path} is not a valid weight index ({type(exc).__name__}); copy the checkpoint again.") \
+            from None
+    missing = [name for name in shards if not (path.parent / name).is_file()]
+    if missing:
+        raise UsageError(f"{path.parent} lacks the shard(s) {_listed(missing)} that {path.name} lists: an interrupted "
+                         "download or copy? Copy the checkpoint again.")
+    return [path.parent / name for name in shards]
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder (shards of an index, or the single file); a UsageError if none."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            return _read_index(path) if name.endswith(".index.json") else [path]
+        if path.exists():
+            raise UsageError(f"{path} is not a file; copy the checkpoint again.")
+    raise UsageError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}): an interrupted download or copy? "
+                     "Pass a complete checkpoint folder.")
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``name → (dtype, shape)`` of a safetensors file whose header and size are consistent; a UsageError if not."""
+    path = Path(path)
+    size = path.stat().st_size
+    broken = f"{path} is not a complete safetensors file"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise UsageError(f"{broken} ({size} bytes); copy the checkpoint again.")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise UsageError(f"{broken} (its header claims {length} bytes, the file has {size}): truncated or corrupt; "
+                             "copy the checkpoint again.")
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UsageError(f"{broken} (its header is not valid JSON): corrupt; copy the checkpoint again.") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{broken} (its header is not a JSON object): corrupt; copy the checkpoint again.")
+    data_bytes = size - 8 - length
+    tensors, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{broken} (tensor {name} has a malformed header entry): corrupt.") from None
+        expected = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
+        if _DTYPE_BYTES.get(dtype) and stop - begin != expected:
+            raise UsageError(f"{broken}: tensor {name} {dtype}{list(shape)} needs {expected} bytes, its entry has "
+                             f"{stop - begin}; corrupt, copy the checkpoint again.")
+        tensors[name] = (dtype, shape)
+        end = max(end, int(stop))
+    if end > data_bytes:
+        raise UsageError(f"{broken}: its tensors need {end} bytes of data, the file holds {data_bytes} "
+                         f"(truncated by {end - data_bytes} bytes); copy the checkpoint again.")
+    return tensors
+
+
+def _check_experts_complete(tensors: dict[str, tuple[str, tuple[int, ...]]], folder: Path) -> None:
+    """Per-expert tensors: every expert of a layer has every weight, all of one shape."""
+    groups: dict[str, dict[str, dict[int, tuple[int, ...]]]] = {}
+    for name, (_, shape) in tensors.items():
+        match = _EXPERT_NAME.match(name)
+        if match:
+            leaves = groups.setdefault(match["prefix"], {})
+            leaves.setdefault(match["leaf"], {})[int(match["index"])] = shape
+    for prefix, leaves in sorted(groups.items()):
+        experts = set().union(*(set(ids) for ids in leaves.values()))
+        count = max(experts) + 1
+        for leaf, shapes in sorted(leaves.items()):
+            missing = [f"{prefix}.{j}.{leaf}" for j in range(count) if j not in shapes]
+            if missing:
+                raise UsageError(f"the checkpoint in {folder} lacks {_listed(missing)}: an incomplete checkpoint; "
+                                 "copy it again.")
+            common = max(set(shapes.values()), key=list(shapes.values()).count)
+            odd = [j for j, shape in sorted(shapes.items()) if shape != common]
+            if odd:
+                j = odd[0]
+                raise UsageError(f"the checkpoint in {folder}: {prefix}.{j}.{leaf} has shape {list(shapes[j])}, the "
+                                 f"other experts' {leaf} {list(common)}; the checkpoint is inconsistent.")
+
+
+def check_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """Check a checkpoint's weight files before loading (see the module docstring); return them."""
+    folder = Path(folder)
+    files = weight_files(folder)
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            tensors.update(safetensors_header(path))
+    _check_experts_complete(tensors, folder)
+    return files
+
+
+@contextlib.contextmanager
+def _captured_load_report() -> Iterator[dict]:
+    """Catch the load report transformers logs (and raises on) during ``from_pretrained``; yield it when set."""
+    import transformers.modeling_utils as modeling_utils
+
+    captured: dict = {}
+    original = getattr(modeling_utils, "log_state_dict_report", None)
+    if original is None:  # another transformers layout: rely on output_loading_info alone
+        yield captured
+        return
+
+    def capture(*args, **kwargs):
+        info = kwargs.get("loading_info", args[3] if len(args) > 3 else None)
+        captured["info"] = info
+        if getattr(info, "error_msgs", None):
+            original(*args, **kwargs)  # raises transformers' own error, which the caller turns into one line
+
+    modeling_utils.log_state_dict_report = capture
+    try:
+        yield captured
+    finally:
+        modeling_utils.log_state_dict_report = original
+
+
+def _field(info, name: str):
+    return (info.get(name) if isinstance(info, dict) else getattr(info, name, None)) or ()
+
+
+def _raise_for_load_problems(info, folder: Path) -> None:
+    conversion = dict(_field(info, "conversion_errors"))
+    mismatched = list(_field(info, "mismatched_keys"))
+    missing = set(_field(info, "missing_keys")) - set(conversion)
+    unexpected = set(_field(info, "unexpected_keys"))
+    where = f"the checkpoint in {folder}"
+    if conversion:
+        raise UsageError(f"{where} could not be converted to {_listed(conversion)} (its per-expert tensors are "
+                         "missing or of the wrong shape); copy the checkpoint again.")
+    if mismatched:
+        name, got, want = mismatched[0][:3]
+        raise UsageError(f"{where}: tensor {name} has shape {list(got)}, the model expects {list(want)}; the weights do "
+                         "not match config.json.")
+    if missing:
+        raise UsageError(f"{where} lacks {_listed(missing)}, which the model needs (it would be randomly "
+                         "initialised); copy the checkpoint again.")
+    if unexpected:
+        raise UsageError(f"{where} holds tensors the model does not have: {_listed(unexpected)}; the weights do not "
+                         "match config.json.")
+
+
+@contextlib.contextmanager
+def _without_transformers_progress_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar writes to stderr even in logs; the pipeline reports its own stages."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained_checked(folder: str | os.PathLike, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(folder)`` that fails with a one-line error on any load problem."""
+    import transformers
+
+    folder = Path(folder)
+    check_checkpoint_files(folder)
+    try:
+        with _captured_load_report() as captured, _without_transformers_progress_bar():
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except UsageError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"cannot load the weights in {folder}: {message}") from None
+    _raise_for_load_problems(captured.get("info") or info, folder)
+    return model
