@@ -4,8 +4,9 @@
 included) → write the output folder atomically → validate against the pruned PyTorch model → ``report.json``,
 ``report.md`` and ``experts.png`` in the folder. Validation runs on the folder before it replaces the previous
 output, so the report is part of the same atomic write; a failure of any stage leaves the previous output intact
-and no temporary files. A *parity* failure is not such a failure: the export and its report are written (they are
-what one debugs with) and :class:`~mone_export.errors.ParityError` is raised afterwards (CLI exit code 1).
+and no temporary files. A *parity* failure never replaces the previous output either: the export and its report
+are dropped, or with ``keep_failed`` committed to ``OUT.failed`` beside it (what one debugs with), and
+:class:`~mone_export.errors.ParityError` is raised afterwards (CLI exit code 1).
 
 :func:`validate_folder`: re-check an existing export folder against the PyTorch model rebuilt from the original
 weights (``source_model`` in ``report.json``, or ``model=``) and the folder's plan.
@@ -280,6 +281,9 @@ def export_model(
                 # A failed export never replaces the previous output; on request it is kept beside it.
                 report["output_written"] = False
                 report["kept_failed"] = str(failed_folder) if keep_failed else None
+                if keep_failed:  # the report written there names where its files are
+                    report["output"], report["onnx"] = str(failed_folder), str(failed_folder / MODEL_FILE)
+                    validation["onnx"] = report["onnx"]
             with run.stage("report"):
                 report["timings"] = dict(run.seconds)
                 report["seconds"] = round(time.perf_counter() - started, 2)

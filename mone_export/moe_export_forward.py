@@ -1,4 +1,4 @@
-"""An export-friendly routed-experts forward that traces to the canonical dispatch form (SPEC §3).
+"""An export-friendly routed-experts forward that traces to the canonical dispatch form (docs/graph.md).
 
 transformers' eager experts loop only visits the experts some token selected (``expert_hit``), a data-dependent
 Python loop that a tracer freezes to the example input. :func:`export_friendly_moe` swaps, for the duration of an

@@ -1,4 +1,4 @@
-"""Applying a pruning plan to a PyTorch model, in place: novices or removal (SPEC §1)."""
+"""Applying a pruning plan to a PyTorch model, in place: novices or removal (docs/method.md#applying-a-plan)."""
 
 from __future__ import annotations
 

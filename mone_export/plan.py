@@ -1,4 +1,4 @@
-"""The pruning plan (SPEC §2): a versioned, self-describing, validated artifact.
+"""The pruning plan (docs/plan.md): a versioned, self-describing, validated artifact.
 
 On disk a plan is a folder with ``plan.json`` (everything but the novice vectors) and
 ``novices.safetensors`` (one ``[n_pruned, H]`` float32 tensor per layer, key ``layers.{i}``).
@@ -22,7 +22,7 @@ from mone_export.errors import PlanMismatchError, UsageError
 __all__ = ["PruningPlan", "PLAN_VERSION", "PLAN_FILE", "NOVICES_FILE"]
 
 PLAN_VERSION = 2
-"""Version 2 adds ``model.experts_fingerprint`` and binds ``novices.safetensors`` to ``plan.json``; 1 still loads."""
+"""Version 2 adds ``model.experts_fingerprints`` (dtype → fingerprint) and ``model.experts_dtype``, and binds ``novices.safetensors`` to ``plan.json``; 1 still loads."""
 READABLE_VERSIONS = (1, 2)
 PLAN_FILE = "plan.json"
 NOVICES_FILE = "novices.safetensors"
@@ -85,8 +85,9 @@ class PruningPlan:
             "num_experts": {i: l.num_experts for i, l in stats.layers.items()},
             "top_k": {i: l.top_k for i, l in stats.layers.items()},
         }
-        if stats.experts_fingerprint:
-            model["experts_fingerprint"] = stats.experts_fingerprint
+        if stats.experts_fingerprints:
+            model["experts_fingerprints"] = dict(stats.experts_fingerprints)
+            model["experts_dtype"] = stats.experts_dtype
         return cls(pruned=pruned, novices=novices, model=model, calibration=dict(stats.calibration), experts=experts, **how)
 
     # -- validation ---------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ class PruningPlan:
         """Raise :class:`PlanMismatchError` naming the mismatch when this plan does not fit ``model``.
 
         With ``check_weights`` the model's routed experts must also be the ones the plan was computed on (same
-        :func:`~mone_export.fingerprint.experts_fingerprint`); a plan without a fingerprint (version 1) is accepted
+        :func:`~mone_export.fingerprint.experts_fingerprints`); a plan without a fingerprint (version 1) is accepted
         with a warning.
         """
         from mone_export.adapters import moe_layers_or_error
@@ -134,16 +135,18 @@ class PruningPlan:
                 f"the plan is for model_type {expect['model_type']!r} but the model is {adapter.model_type!r}; "
                 "apply it to the model it was made for."
             )
+        other_model = "it was made for another model: apply it to that one, or prune this model again."
         if int(config.num_hidden_layers) != int(expect["num_hidden_layers"]):
-            raise PlanMismatchError(
-                f"the plan is for {expect['num_hidden_layers']} layers but the model has {config.num_hidden_layers}."
-            )
+            raise PlanMismatchError(f"the plan is for {expect['num_hidden_layers']} layers but the model has "
+                                    f"{config.num_hidden_layers}; {other_model}")
         if int(config.hidden_size) != int(expect["hidden_size"]):
-            raise PlanMismatchError(f"the plan is for hidden size {expect['hidden_size']} but the model has {config.hidden_size}.")
+            raise PlanMismatchError(f"the plan is for hidden size {expect['hidden_size']} but the model has "
+                                    f"{config.hidden_size}; {other_model}")
         have = {layer.index: layer.num_experts for layer in layers}
         want = {int(k): int(v) for k, v in expect["num_experts"].items()}
         if set(have) != set(want):
-            raise PlanMismatchError(f"the plan's MoE layers {sorted(want)} differ from the model's {sorted(have)}.")
+            raise PlanMismatchError(f"the plan's MoE layers {sorted(want)} differ from the model's {sorted(have)}; "
+                                    f"{other_model}")
         for index, n in want.items():
             if have[index] != n:
                 raise PlanMismatchError(
@@ -154,15 +157,17 @@ class PruningPlan:
             self._check_fingerprint(model)
 
     def _check_fingerprint(self, model) -> None:
-        from mone_export.fingerprint import experts_fingerprint
+        from mone_export.fingerprint import matches
 
-        expected = self.model.get("experts_fingerprint")
-        if not expected:
+        recorded = self.model.get("experts_fingerprints")
+        if not recorded:
             logger.warning("the plan records no experts fingerprint (plan version %s): cannot check that it was "
                            "computed on these weights", self.version)
             return
-        actual = experts_fingerprint(model)
-        if actual != expected:
+        computed_in = self.model.get("experts_dtype", "float32")
+        same, actual = matches(model, recorded, computed_in)
+        if not same:
+            expected = recorded.get(computed_in, next(iter(recorded.values())))
             raise PlanMismatchError(
                 f"the plan was computed on other weights (experts fingerprint {expected[:19]}..., this model's "
                 f"{actual[:19]}...): calibrate this model instead, or pass --allow-other-weights to apply the plan "
@@ -315,7 +320,8 @@ def _load_novices(directory: Path, data: dict) -> dict[str, torch.Tensor]:
     rows = {int(key[len(EXPERT_IDS_PREFIX):]): tensors.pop(key).tolist() for key in list(tensors)
             if key.startswith(EXPERT_IDS_PREFIX)}
     if rows:
-        plan_rows = {int(k): sorted(int(e) for e in v) for k, v in data.get("pruned", {}).items() if v}
+        # A layer that prunes nothing has an empty row in both files (ratio 0, or floor(ratio × E) = 0).
+        plan_rows = {int(k): sorted(int(e) for e in v) for k, v in data.get("pruned", {}).items()}
         for layer, ids in sorted(rows.items()):
             if plan_rows.get(layer) != sorted(ids):
                 raise UsageError(f"{path} holds novices of layer {layer} for experts {sorted(ids)}, but the plan prunes "

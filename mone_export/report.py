@@ -92,7 +92,8 @@ def render_markdown(report: dict) -> str:
         f"| unpruned | {weights.get('unpruned_bytes', 'n/a')} ({weights.get('unpruned_source', '')}) |",
         f"| pruned export (model.onnx) | {weights.get('pruned_bytes', 'n/a')} |",
         f"| lower bound (parameters kept) | {weights.get('lower_bound_bytes', 'n/a')} |",
-        f"| export / lower bound | {weights.get('ratio_to_bound', float('nan')):.4f}× (SPEC §3: ≤ 1.005×) |",
+        f"| export / lower bound | {weights.get('ratio_to_bound', float('nan')):.4f}× "
+        "(at most 1.005×: docs/graph.md#weight-bytes) |",
     ]
     validation = report.get("validation")
     if validation:
@@ -104,17 +105,57 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _validation_markdown(validation: dict) -> list[str]:
-    lines = ["", f"## Parity ({validation.get('provider')}, {validation.get('dtype')}, "
-                 f"atol {validation.get('atol'):.0e})", "",
-             f"Prompts: {validation['prompts']['count']} × {validation['prompts']['tokens']} tokens "
-             f"({validation['prompts']['source']}).", "",
-             "| output | max abs diff | mean abs diff | tolerance | |", "| --- | --- | --- | --- | --- |"]
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _half_markdown(validation: dict) -> list[str]:
+    """The float16 verdict: both errors against float32, the bound, greedy agreements and routing flips."""
+    half = validation["half_precision"]
+    routing = half.get("routing") or {}
+    lines = [f"Judged against **{half['reference']}**, with {half['yardstick']} as the yardstick: ONNX Runtime's "
+             f"max |Δ| may be at most {half['factor']} × PyTorch fp16's + ε = {half['factor']} × "
+             f"{_g(half['torch_fp16_max_abs_diff'])} + {half['epsilon']:.2g} = **{_g(half['bound'])}** "
+             f"(ε = max(atol {half['atol']:.0e}, one float16 ulp of the largest logit "
+             f"{half['largest_reference_logit']:.3g})).", "",
+             "| output | ONNX Runtime fp16 max abs diff | PyTorch fp16 max abs diff | bound | positions compared "
+             "| all positions: ONNX Runtime / PyTorch fp16 | |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in validation.get("logits", []):
-        lines.append(f"| {row['output']} | {row['max_abs_diff']:.3g} | {row['mean_abs_diff']:.3g} | "
-                     f"{row['tolerance']:.0e} | {'ok' if row['passed'] else 'FAIL'} |")
+        lines.append(f"| {row['output']} | {_g(row['max_abs_diff'])} | {_g(row['torch_fp16_max_abs_diff'])} | "
+                     f"{_g(row['tolerance'])} | {row['positions_compared']}/{row['positions']} | "
+                     f"{_g(row['max_abs_diff_all_positions'])} / {_g(row['torch_fp16_max_abs_diff_all_positions'])} "
+                     f"| {'ok' if row['passed'] else 'FAIL'} |")
+    if routing.get("available"):
+        lines += ["", f"Routing against float32: ONNX Runtime sent {routing['onnx_flips']} token-layer(s) to other "
+                      f"experts ({routing['onnx_near_ties']} at a near tie, {routing['onnx_beyond_near_tie']} "
+                      f"beyond, {routing['onnx_downstream']} downstream of an earlier flip), PyTorch fp16 "
+                      f"{routing['torch_fp16_flips']}; near tie: float32 margin ≤ δ {routing['near_tie_margin']:.2g}. "
+                      "Positions from a prompt's near-tie flip on are not compared."]
+    else:
+        lines += ["", "Routing of the export unknown (no named routing weights): every position is compared."]
+    agreement = half.get("agreement")
+    if agreement:
+        lines += ["", f"Greedy agreement with float32: ONNX Runtime {agreement['onnx']}/{agreement['tokens']} "
+                      f"new tokens, PyTorch fp16 {agreement['torch_fp16']}/{agreement['tokens']} (must be at least "
+                      "PyTorch fp16's; a divergence at a near tie counts as agreement)."]
+    return lines
+
+
+def _validation_markdown(validation: dict) -> list[str]:
+    half = validation.get("half_precision")
+    lines = ["", f"## Parity ({validation.get('provider')}, {validation.get('dtype')}, "
+                 + (f"against float32, bound {_g(half['bound'])})" if half else f"atol {validation.get('atol'):.0e})"),
+             "", f"Prompts: {validation['prompts']['count']} × {validation['prompts']['tokens']} tokens "
+                 f"({validation['prompts']['source']}).", ""]
+    if half:
+        lines += _half_markdown(validation)
+    else:
+        lines += ["| output | max abs diff | mean abs diff | tolerance | |", "| --- | --- | --- | --- | --- |"]
+        for row in validation.get("logits", []):
+            lines.append(f"| {row['output']} | {row['max_abs_diff']:.3g} | {row['mean_abs_diff']:.3g} | "
+                         f"{row['tolerance']:.0e} | {'ok' if row['passed'] else 'FAIL'} |")
     generation = validation.get("generation")
-    if generation:
+    if generation and not half:
         ties = generation.get("near_ties", 0)
         lines += ["", f"Greedy generation: {generation['identical']}/{generation['prompts']} prompts identical "
                       f"(up to {generation['new_tokens']} new tokens, ONNX Runtime loop vs `model.generate`)"
@@ -157,6 +198,23 @@ def _validation_markdown(validation: dict) -> list[str]:
 # --- terminal summary -----------------------------------------------------------------------------------------------
 
 
+def _half_summary(validation: dict) -> str:
+    """One line for a float16 verdict: ONNX Runtime's and PyTorch fp16's errors against float32, the bound, agreement."""
+    half = validation["half_precision"]
+    text = (f"  parity ({validation['provider']}, float16 vs float32 PyTorch): logits max |Δ| "
+            f"{_g(half['onnx_max_abs_diff'])}, PyTorch fp16 {_g(half['torch_fp16_max_abs_diff'])}, bound "
+            f"{half['factor']}×{_g(half['torch_fp16_max_abs_diff'])}+{half['epsilon']:.2g} = {_g(half['bound'])}")
+    routing = half.get("routing") or {}
+    if routing.get("onnx_near_ties"):
+        text += (f"; {routing['onnx_near_ties']} routing near tie(s) (max |Δ| "
+                 f"{_g(half['onnx_max_abs_diff_all_positions'])} from there on, not compared)")
+    agreement = half.get("agreement")
+    if agreement:
+        text += (f"; greedy agreement with float32 {agreement['onnx']}/{agreement['tokens']} tokens "
+                 f"(PyTorch fp16 {agreement['torch_fp16']}/{agreement['tokens']})")
+    return text
+
+
 def summary_text(report: dict) -> str:
     """The CLI's closing summary: experts pruned per layer, weight bytes, parity figures, latency ratios."""
     if report.get("command") == "validate":
@@ -176,13 +234,17 @@ def summary_text(report: dict) -> str:
                      f"(export = {weights.get('ratio_to_bound', 0):.4f}× the bound)")
     validation = report.get("validation")
     if validation:
-        prefill, decode = _logit_extremes(validation)
-        text = (f"  parity ({validation['provider']}, {validation['dtype']}, atol {validation['atol']:.0e}): "
-                f"logits max |Δ| {prefill:.2g} at prefill")
-        if decode is not None:
-            text += f", {decode:.2g} over {len(validation['logits']) - 1} decode steps"
+        half = validation.get("half_precision")
+        if half:
+            text = _half_summary(validation)
+        else:
+            prefill, decode = _logit_extremes(validation)
+            text = (f"  parity ({validation['provider']}, {validation['dtype']}, atol {validation['atol']:.0e}): "
+                    f"logits max |Δ| {prefill:.2g} at prefill")
+            if decode is not None:
+                text += f", {decode:.2g} over {len(validation['logits']) - 1} decode steps"
         generation = validation.get("generation")
-        if generation:
+        if generation and not half:
             text += (f"; greedy {generation['identical']}/{generation['prompts']} prompts identical "
                      f"({generation['new_tokens']} tokens)")
             if generation.get("near_ties"):

@@ -6,7 +6,8 @@ The rules (docs/validation.md, "Output safety"):
   calibration file, the bundled models): :func:`check_output_target` raises a :class:`UsageError` before anything
   is touched. A symbolic link as output is refused (what it points to is not ours to replace).
 - **Only our own folders are replaced.** ``--overwrite`` replaces a previous mone-export output; a non-empty folder
-  that is not one (no ``report.json`` / ``plan/`` / ``mone_pruned.json`` of ours) is refused even with it.
+  that is not one (no ``mone_export.json`` / ``mone_pruned.json`` / ``plan/plan.json`` of ours) is refused even
+  with it.
 - **Scratch beside the target, locked.** A run builds everything in one hidden folder
   ``.<name>.mone-scratch-XXXXXXXX`` next to the target (same file system, so the final move is a rename) and holds
   an ``flock`` on a file inside it for as long as it runs. The kernel drops the lock when the process dies, however
@@ -57,8 +58,9 @@ STALE_UNLOCKED_SECONDS = 60.0
 OUTPUT_MARKER = "mone_export.json"
 """The file every output folder of ``export`` holds: which tool and version wrote it, in which dtype."""
 
-OUTPUT_MARKERS = (OUTPUT_MARKER, "report.json", "mone_pruned.json", "plan/plan.json")
-"""Files one of which every folder mone-export writes holds: what makes a folder safe to ``--overwrite``."""
+OUTPUT_MARKERS = (OUTPUT_MARKER, "mone_pruned.json", "plan/plan.json")
+"""Files one of which every folder mone-export writes holds: what makes a folder safe to ``--overwrite``.
+(Not ``report.json``: a name other tools use too.)"""
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -1,4 +1,4 @@
-"""Expert scores and the selection of pruned experts (SPEC §1): low score = redundant = pruned first."""
+"""Expert scores and the selection of pruned experts (docs/method.md#scores): low score = redundant = pruned first."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def check_ratio_feasible(model, ratio: float, method: str, scope: str = "layer")
 
 
 def select_pruned(stats: ExpertStats, scores: dict[int, np.ndarray], ratio: float, method: Method, scope: str):
-    """Pruned expert indices per layer for ``ratio`` and ``scope`` (SPEC §1 selection rules)."""
+    """Pruned expert indices per layer for ``ratio`` and ``scope`` (docs/method.md#selection)."""
     _check_ratio(ratio)
     if scope == "layer":
         return _select_layer_scope(stats, scores, ratio, method)

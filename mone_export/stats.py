@@ -1,4 +1,4 @@
-"""Exact per-expert calibration statistics (SPEC §1), collected in one pass over the data.
+"""Exact per-expert calibration statistics (docs/method.md#statistics), collected in one pass over the data.
 
 During collection each MoE layer's experts module runs an instrumented forward that computes every
 selected expert's raw output f_e(x) once, uses it both for the block output (so the model runs as usual)
@@ -20,7 +20,7 @@ from torch import nn
 
 from mone_export.adapters import MoeLayer, expert_forward, moe_layers_or_error
 from mone_export.errors import UsageError
-from mone_export.fingerprint import experts_fingerprint
+from mone_export.fingerprint import experts_dtype, experts_fingerprints
 from mone_export.progress import progress_bar
 
 __all__ = ["LayerStats", "ExpertStats", "collect_stats", "recording_experts"]
@@ -102,8 +102,10 @@ class ExpertStats:
     num_hidden_layers: int
     layers: dict[int, LayerStats]
     calibration: dict = dataclasses.field(default_factory=dict)
-    experts_fingerprint: str | None = None
-    """:func:`mone_export.fingerprint.experts_fingerprint` of the model the statistics were collected on."""
+    experts_fingerprints: dict[str, str] | None = None
+    """:func:`mone_export.fingerprint.experts_fingerprints` of the model the statistics were collected on."""
+    experts_dtype: str | None = None
+    """The dtype of that model's expert weights (``float32``, ...)."""
 
     @property
     def num_tokens(self) -> int:
@@ -172,7 +174,8 @@ def collect_stats(
     """
     adapter, layers = moe_layers_or_error(model)
     _check_unpruned(layers)
-    fingerprint = experts_fingerprint(model)
+    fingerprints = experts_fingerprints(model)
+    dtype = str(experts_dtype(model)).removeprefix("torch.")
     stats = {
         layer.index: LayerStats(layer.num_experts, layer.hidden_size, layer.top_k) for layer in layers
     }
@@ -187,4 +190,4 @@ def collect_stats(
     logger.info("collected expert statistics over %d tokens in %d MoE layers", tokens, len(stats))
     info = dict(calibration or {})
     info.setdefault("tokens", tokens)
-    return ExpertStats(adapter.model_type, int(model.config.num_hidden_layers), stats, info, fingerprint)
+    return ExpertStats(adapter.model_type, int(model.config.num_hidden_layers), stats, info, fingerprints, dtype)

@@ -1,4 +1,4 @@
-"""Adapters: registry, MoE layer discovery and the reconstruction invariant (SPEC §1) for every family."""
+"""Adapters: registry, MoE layer discovery and the reconstruction invariant (docs/method.md) for every family."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Applying plans: the SPEC §1 invariants, generate(), save/reload, and plan round trips."""
+"""Applying plans: the invariants of docs/method.md, generate(), save/reload, and plan round trips."""
 
 import pytest
 import torch

@@ -163,6 +163,7 @@ def test_parity_failure_exits_1_and_never_replaces_the_previous_output(model_dir
     assert json.loads(stdout)["kept_failed"] == str(kept)
     failed_report = json.loads((kept / "report.json").read_text())
     assert failed_report["exit_code"] == 1 and failed_report["ratio"] == 0.25 and (kept / "model.onnx").is_file()
+    assert failed_report["output"] == str(kept) and failed_report["onnx"] == str(kept / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["strict", "strict.failed"]
 
 

@@ -1,4 +1,4 @@
-"""ONNX export with KV cache (SPEC §3, issue 4): ORT parity, greedy tokens, graph form, bytes, determinism, folder.
+"""ONNX export with KV cache (docs/graph.md): ORT parity, greedy tokens, graph form, bytes, determinism, folder.
 
 Every family × {unpruned, MoNE-pruned, removal-pruned} is exported once per session (``exports`` fixture) and
 shared by the tests.

@@ -1,4 +1,4 @@
-"""Scores and selection rules (SPEC §1) on hand-made statistics, where the right answer is known."""
+"""Scores and selection rules (docs/method.md) on hand-made statistics, where the right answer is known."""
 
 import math
 

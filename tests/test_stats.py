@@ -1,4 +1,4 @@
-"""Statistics against a brute-force computation on concatenated expert outputs (SPEC §1)."""
+"""Statistics against a brute-force computation on concatenated expert outputs (docs/method.md#statistics)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,7 @@
-"""`mone_export.validate`: parity, generation, memory and latency checks of an export against PyTorch (SPEC §4)."""
+"""`mone_export.validate`: parity, generation, memory and latency checks of an export against PyTorch.
+
+See docs/validation.md.
+"""
 
 import shutil
 
