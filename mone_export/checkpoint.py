@@ -25,7 +25,8 @@ from typing import Iterator
 
 from mone_export.errors import UsageError
 
-__all__ = ["WEIGHT_FILES", "weight_files", "safetensors_header", "check_checkpoint_files", "load_pretrained_checked"]
+__all__ = ["WEIGHT_FILES", "check_checkpoint_files", "config_parameter_count", "load_pretrained_checked", "safetensors_header",
+           "weight_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,43 @@ def _check_experts_complete(tensors: dict[str, tuple[str, tuple[int, ...]]], fol
                                  f"other experts' {leaf} {list(common)}; the checkpoint is inconsistent.")
 
 
-def check_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    """Check a checkpoint's weight files before loading (see the module docstring); return them."""
+SIZE_SLACK = 1.01
+"""How many more values than the checkpoint holds a config may describe (buffers saved as weights, rounding)."""
+
+
+def config_parameter_count(config) -> int:
+    """Parameters of the model ``config`` describes, counted on the meta device (nothing is allocated)."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_config_matches_size(config, tensors: dict[str, tuple[str, tuple[int, ...]]], folder: Path) -> None:
+    """Refuse a config that describes a (much) bigger model than the weights: loading it would allocate that much
+    memory (a typo'd expert count can ask for terabytes) before the mismatch is found."""
+    if not tensors or getattr(config, "quantization_config", None):
+        return  # no safetensors headers to count, or packed quantised tensors that hold fewer values
+    stored = sum(math.prod(shape) for _, shape in tensors.values())
+    try:
+        wanted = config_parameter_count(config)
+    except Exception as exc:  # noqa: BLE001 - any failure to build it means the config is unusable
+        raise UsageError(f"{folder}/config.json does not describe a buildable model "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix config.json."
+                         ) from None
+    if wanted > stored * SIZE_SLACK:
+        raise UsageError(f"{folder}/config.json describes a model of {wanted:,} parameters but the weights hold "
+                         f"{stored:,} values: config.json does not match the checkpoint (check the expert count and "
+                         "sizes in it).")
+
+
+def check_checkpoint_files(folder: str | os.PathLike, config=None) -> list[Path]:
+    """Check a checkpoint's weight files before loading (see the module docstring); return them.
+
+    With ``config``, also check that it does not describe a bigger model than the files hold.
+    """
     folder = Path(folder)
     files = weight_files(folder)
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -148,6 +184,8 @@ def check_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
         if path.suffix == ".safetensors":
             tensors.update(safetensors_header(path))
     _check_experts_complete(tensors, folder)
+    if config is not None:
+        _check_config_matches_size(config, tensors, folder)
     return files
 
 

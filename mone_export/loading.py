@@ -58,6 +58,9 @@ def bundled_model_path(name: str) -> Path | None:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A local model folder for a bundled name or a path; a clear error when there is none."""
     text = str(name_or_path)
+    if not text.strip():
+        raise UsageError(f"the model name is empty; pass a bundled model name ({', '.join(BUNDLED_MODELS)}) or a "
+                         "checkpoint folder.")
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -112,7 +115,7 @@ def preflight_model(name_or_path: str | os.PathLike):
     config = _load_config(path)
     get_adapter(config)
     if not (path / PRUNED_MARKER).is_file():
-        check_checkpoint_files(path)
+        check_checkpoint_files(path, config)
     return config
 
 

@@ -239,8 +239,8 @@ class PruningPlan:
             raise UsageError(f"{path} is not valid JSON ({exc}); save the plan again.") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UsageError(f"{path} is not a mone-export pruning plan.")
-        tensors = _load_novices(directory, data)
         try:
+            tensors = _load_novices(directory, data)
             plan = cls._from_dict(data, tensors)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, UsageError):

@@ -110,6 +110,8 @@ def check_output_target(output: str | os.PathLike, overwrite: bool = False,
     ``output`` must not overlap an input, be a symbolic link or a file, hold anything without ``overwrite``, or hold
     anything but a previous mone-export output with it; its nearest existing parent must be a writable folder.
     """
+    if not str(output).strip():
+        raise UsageError("-o is empty; pass the output folder to write.")
     path = Path(output).expanduser()
     check_no_overlap(path, inputs or {})
     if path.is_symlink():

@@ -168,6 +168,16 @@ def garbage_config(ws, case, monkeypatch):
     return ["prune", "--model", str(model), "--ratio", "0.5", "-o", str(case / "out"), *CALIB]
 
 
+def config_edit(**changes):
+    """A checkpoint whose config.json was edited (a typo'd expert count would ask for terabytes at load)."""
+    def build(ws, case, monkeypatch):
+        model = copy_model(ws, case)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, **changes}))
+        return ["prune", "--model", str(model), "--ratio", "0.5", "-o", str(case / "out"), *CALIB]
+    return build
+
+
 def dense_model(ws, case, monkeypatch):
     dense = case / "llama"
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -263,6 +273,22 @@ def garbage_plan(ws, case, monkeypatch):
     shutil.copytree(ws.pruned / "plan", plan)
     (plan / "plan.json").write_text("[1, 2")
     return ["export", "--model", str(ws.model), "--plan", str(plan), "-o", str(case / "out"), "--no-validate"]
+
+
+def edited_plan(edit):
+    """A copy of the previous prune's plan with ``edit(plan.json dict)`` applied (a hand-edited plan)."""
+    def build(ws, case, monkeypatch):
+        plan = case / "plan"
+        shutil.copytree(ws.pruned / "plan", plan)
+        data = json.loads((plan / "plan.json").read_text())
+        edit(data)
+        (plan / "plan.json").write_text(json.dumps(data))
+        return ["export", "--model", str(ws.model), "--plan", str(plan), "-o", str(case / "out"), "--no-validate"]
+    return build
+
+
+def _set_first_layer(data, value):
+    data["pruned"][next(iter(data["pruned"]))] = value
 
 
 def plan_of_other_model(family: str):
@@ -376,6 +402,11 @@ CASES = [
     ("model-no-config", prune(*R, *CALIB, model="{case}"), 2, "no config.json"),
     ("model-garbage-config", garbage_config, 2, "config"),
     ("model-dense", dense_model, 2, "'llama' is not a supported"),
+    ("model-empty-name", prune(*R, *CALIB, model=""), 2, "model name is empty"),
+    ("model-config-huge-experts", config_edit(num_local_experts=10 ** 9), 2, "does not match the checkpoint"),
+    ("model-config-negative-size", config_edit(hidden_size=-16), 2, "negative dimension"),
+    ("model-config-no-model-type", config_edit(model_type=None), 2, "config"),
+    ("out-empty", prune(*R, *CALIB, out=""), 2, "-o is empty"),
     ("model-unknown-name", prune(*R, *CALIB, model="mixtral-8x7b"), 2, "not found"),
     # checkpoints
     ("ckpt-missing-q-proj", broken_checkpoint(drop_tensor("layers.0.self_attn.q_proj")), 2, "q_proj"),
@@ -394,6 +425,9 @@ CASES = [
     ("plan-other-weights", plan_of_other_weights, 2, "--allow-other-weights"),
     ("plan-tampered-novices", tampered_novices, 2, "novices"),
     ("plan-garbage-json", garbage_plan, 2, "plan.json"),
+    ("plan-ids-out-of-range", edited_plan(lambda d: _set_first_layer(d, [99, 100, 101])), 2, "different plans"),
+    ("plan-ids-not-numbers", edited_plan(lambda d: _set_first_layer(d, "abc")), 2, "not a complete pruning plan"),
+    ("plan-ratio-not-number", edited_plan(lambda d: d.update(ratio="x")), 2, "not a complete pruning plan"),
     ("plan-other-model", plan_of_other_model("mixtral"), 2, "made for another model"),
     ("plan-other-family", plan_of_other_model("qwen2_moe"), 2, "model_type 'mixtral'"),
     # validate

@@ -173,3 +173,24 @@ def test_sigkill_anywhere_keeps_the_previous_output(model, previous):
     assert subprocess.run(command(model, out, "0.5")).returncode == 0
     assert_loadable_output(out, 0.5)
     assert hidden_leftovers(out) == []
+
+
+def test_a_run_killed_between_the_two_fallback_renames_gets_its_previous_output_back(tmp_path, monkeypatch):
+    """Without renameat2 the swap is two renames; dying between them leaves OUT in the dead run's scratch."""
+    from mone_export import safe_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"previous")
+    monkeypatch.setattr(safe_output, "_exchange", lambda a, b: False)
+    scratch = tmp_path / f".out{SCRATCH_TAG}dead"
+    scratch.mkdir()
+    (scratch / safe_output.LOCK_FILE).write_bytes(b"{}")  # unlocked: its process is gone
+    os.rename(out, scratch / safe_output.PREVIOUS)  # the first rename happened, the second never did
+    assert not out.exists()
+    with safe_output.RunScratch(out) as run:  # the next run puts it back before anything else
+        assert (out / "model.onnx").read_bytes() == b"previous" and not scratch.exists()
+        built = run.folder("output")
+        (built / "model.onnx").write_bytes(b"new")
+        run.commit(built)  # the fallback path, whole this time
+    assert (out / "model.onnx").read_bytes() == b"new" and hidden_leftovers(out) == []
