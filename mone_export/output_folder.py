@@ -236,7 +236,9 @@ def _rewrite_json(path: Path, transform: Callable[[dict], dict]) -> None:
 def make_readable_by_transformers_4(folder: str | os.PathLike) -> None:
     """Rewrite the transformers files 5.x saved in ``folder`` so 4.5x readers (Optimum) load the same settings.
 
-    Idempotent; files that are not there are skipped.
+    Idempotent; files that are not there are skipped. Optimum's ``ORTModelForCausalLM`` also needs the KV-cache
+    shape set from the graph after loading (README, "Optimum / transformers 4"): Optimum-ONNX 0.1 chooses it by
+    ``model_type`` alone, so no file here can (benchmarks/optimum_client_check.py).
     """
     folder = Path(folder)
     _rewrite_json(folder / CONFIG_FILE, config_for_transformers_4)

@@ -5,10 +5,12 @@ model, rewritten for 4.x readers (:func:`make_readable_by_transformers_4`), read
 special tokens and token ids as the files 5.x alone saves; no loader keys leak; ``rope_theta`` is top-level and the
 model's.
 
-Optimum (opt-in): with ``MONE_OPTIMUM_PYTHON`` set to a Python that has ``optimum-onnx`` and ``transformers<4.58``,
-every bundled model is pruned and exported, ``benchmarks/optimum_client_check.py`` runs ``ORTModelForCausalLM`` on the
-folders in that Python, and its greedy tokens must equal onnxruntime-genai's and transformers 5's ``generate`` (and
-its transformers 4.x config and token ids transformers 5's).
+Optimum (opt-in, under a minute): with ``MONE_OPTIMUM_PYTHON`` set to a Python that has ``optimum-onnx`` and
+``transformers<4.58`` (the second venv of benchmarks/optimum_client_check.py), every bundled model is MoNE-pruned and
+exported, the script's ``compare`` runs ``ORTModelForCausalLM`` on the folders in that Python (with the documented
+cache-shape workaround, with and without IO binding), and here its greedy tokens must equal onnxruntime-genai's; the
+config values and tokenizer ids transformers 4.57 reads must equal 5.x's; and Optimum without the workaround must fail
+exactly where its KV-shape guess differs from the graph. Unset, these tests are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +45,21 @@ OPTIMUM_PYTHON = os.environ.get("MONE_OPTIMUM_PYTHON")
 TEXTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "  émigré\t<|pad|>tabs\n\n", ""]
 PROMPTS = ["def fibonacci(n):\n    ", "import os\n\nclass ", "The results of the"]
 NEW_TOKENS = 12
+# The README's "Optimum / transformers 4" example, for a folder ``out`` (kept identical to the README's block, if any,
+# by test_readme_optimum_example_is_the_tested_one).
+OPTIMUM_EXAMPLE = """\
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("out")
+model = ORTModelForCausalLM.from_pretrained("out")
+# Optimum-ONNX 0.1 takes the KV-cache shape from config.json only for some model types: use the graph's.
+shape = {i.name: i.shape for i in model.session.get_inputs()}["past_key_values.0.key"]  # [batch, heads, past, size]
+model.num_key_value_heads, model.embed_size_per_head = shape[1], shape[3]
+
+inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
+print(model.generate(**inputs, max_new_tokens=16, do_sample=False)[0].tolist())
+"""
 
 AVAILABLE = [name for name in BUNDLED_MODELS if bundled_model_path(name) is not None]
 needs_bundled = pytest.mark.skipif(not AVAILABLE, reason="no bundled model under models/")
@@ -76,17 +94,17 @@ def _config_dict(folder: Path) -> dict:
     return values
 
 
-def _tokenizer_view(tokenizer) -> dict:
+def _tokenizer_view(tokenizer, texts=TEXTS) -> dict:
     """What a tokenizer does with text: class, vocabulary size, special tokens, ids and decoding."""
     return {
         "class": type(tokenizer).__name__,
         "len": len(tokenizer),
         "special": {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id",
                                                              "unk_token_id")},
-        "all_special_tokens": tokenizer.all_special_tokens,
+        "all_special_tokens": list(tokenizer.all_special_tokens),
         "max_length": tokenizer.model_max_length,
-        "encoded": [dict(tokenizer(text)) for text in TEXTS],
-        "decoded": [tokenizer.decode(tokenizer(text)["input_ids"]) for text in TEXTS],
+        "encoded": [dict(tokenizer(text)) for text in texts],
+        "decoded": [tokenizer.decode(tokenizer(text)["input_ids"]) for text in texts],
     }
 
 
@@ -186,40 +204,29 @@ def test_extra_special_tokens_read_the_same_by_5x(tmp_path):
 
 # --- Optimum's ORTModelForCausalLM (transformers 4.57) vs onnxruntime-genai and transformers 5 ------------------------
 
-
-def _genai_greedy(folder: Path, prompt: str) -> tuple[list[int], list[int]]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    ids = [int(t) for t in og.Tokenizer(model).encode(prompt)]
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return ids, [int(t) for t in generator.get_sequence(0)[len(ids):]]
+needs_optimum = pytest.mark.skipif(
+    not OPTIMUM_PYTHON, reason="MONE_OPTIMUM_PYTHON is not set: point it to a Python with optimum-onnx and "
+    "transformers<4.58 (see benchmarks/optimum_client_check.py) to compare Optimum's ORTModelForCausalLM with "
+    "onnxruntime-genai")
 
 
-def _torch_greedy(model, tokenizer, prompt: str) -> list[int]:
-    import torch
+def _check_script():
+    """benchmarks/optimum_client_check.py as a module (its helpers run in any venv)."""
+    import importlib.util
 
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return output[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-def _rope_4x(values: dict) -> dict:
-    """The RoPE a 4.x config holds, in 5.x's ``rope_parameters`` form."""
-    return {"rope_type": "default", **(values["rope_scaling"] or {}), "rope_theta": values["rope_theta"]}
+    spec = importlib.util.spec_from_file_location("optimum_client_check", CHECK_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@needs_bundled
-@pytest.mark.skipif(not OPTIMUM_PYTHON, reason="MONE_OPTIMUM_PYTHON is not set: point it to a Python with "
-                    "optimum-onnx and transformers<4.58 (see benchmarks/optimum_client_check.py) to compare Optimum's "
-                    "ORTModelForCausalLM with onnxruntime-genai")
-def test_optimum_generates_the_same_greedy_tokens_as_genai(tmp_path):
+@pytest.fixture(scope="module")
+def optimum_run(tmp_path_factory):
+    """Every bundled model MoNE-pruned (ratio 0.5) and exported, then the check script's ``compare`` on the folders.
+
+    Yields ``(exported, report, optimum)``: per model (pruned model, tokenizer, folder); the script's report; and the
+    JSON of its Optimum half (what Optimum and transformers 4.x saw).
+    """
     pytest.importorskip("onnxruntime_genai")
     from mone_export import apply_plan, collect_stats, load_model, plan_pruning
 
@@ -227,42 +234,176 @@ def test_optimum_generates_the_same_greedy_tokens_as_genai(tmp_path):
     # Set but unusable is a broken setup (e.g. CI's second venv), not a reason to skip.
     assert probe.returncode == 0, f"MONE_OPTIMUM_PYTHON={OPTIMUM_PYTHON} has no optimum-onnx: {probe.stderr[-2000:]}"
 
+    root = tmp_path_factory.mktemp("optimum")
     exported = {}
     for name in AVAILABLE:
         model, tokenizer = load_model(name)
         batch = tokenizer("def fibonacci(n):\n    if n < 2:\n        return n\n" * 4, return_tensors="pt").input_ids
         plan = plan_pruning(collect_stats(model, [batch], progress=False), 0.5, method="mone")
         apply_plan(model, plan)
-        exported[name] = model, tokenizer, write_output_folder(model, tokenizer, None, tmp_path / name, plan=plan)
+        exported[name] = model, tokenizer, write_output_folder(model, tokenizer, None, root / name, plan=plan)
 
-    command = [OPTIMUM_PYTHON, str(CHECK_SCRIPT), *(str(out) for *_, out in exported.values()),
-               "--new-tokens", str(NEW_TOKENS)]
+    command = [sys.executable, str(CHECK_SCRIPT), "compare", "--optimum-python", OPTIMUM_PYTHON,
+               "--folders", *(str(out) for *_, out in exported.values()), "--new-tokens", str(NEW_TOKENS),
+               "--json", str(root / "report.json"), "--optimum-json", str(root / "optimum.json")]
     for prompt in PROMPTS:
         command += ["--prompt", prompt]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    report = json.loads(run.stdout)
-    assert report["versions"]["transformers"].startswith("4.")
+    assert (root / "report.json").is_file(), run.stderr[-4000:]
+    report, optimum = _json(root / "report.json"), _json(root / "optimum.json")
+    assert optimum["versions"]["transformers"].startswith("4.")
+    assert run.returncode == (0 if _check_script().passed(report) else 1), run.stdout  # the exit code tells the verdict
+    yield exported, report, optimum
 
-    for name, (model, tokenizer, out) in exported.items():
-        seen = report["folders"][str(out)]
-        assert seen["tokenizer_class"] == PORTABLE_TOKENIZER_CLASS
-        spec = cache_shapes(model.config)[0]
-        assert seen["graph_cache_shape"] == [spec.heads, spec.key_dim]
-        config_4x = seen["config"]
-        config_5x = transformers.AutoConfig.from_pretrained(out)
-        assert _rope_4x(config_4x) == config_5x.rope_parameters, name
-        for key, value in config_4x.items():
-            if key not in ("rope_theta", "rope_scaling"):
-                assert value == getattr(config_5x, key, None), (name, key)
-        for row, prompt in zip(seen["prompts"], PROMPTS):
-            genai_ids, genai_tokens = _genai_greedy(out, prompt)
-            assert row["input_names"] == sorted(GRAPH_TEXT_INPUTS)
-            assert row["input_ids"] == genai_ids == tokenizer(prompt)["input_ids"], (name, prompt)
-            assert row["generated"] == genai_tokens == _torch_greedy(model, tokenizer, prompt), (name, prompt)
+
+def _genai_greedy(folder: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[tuple[list[int], list[int]]]:
+    """onnxruntime-genai's (prompt ids, greedy tokens) per prompt."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    results = []
+    for prompt in prompts:
+        ids = [int(t) for t in tokenizer.encode(prompt)]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        results.append((ids, [int(t) for t in generator.get_sequence(0)[len(ids):]]))
+    return results
+
+
+@needs_bundled
+@needs_optimum
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_optimum_generates_the_same_greedy_tokens_as_genai(optimum_run, name):
+    exported, report, optimum = optimum_run
+    _, tokenizer, out = exported[name]
+    seen = optimum["folders"][str(out)]
+    assert "error" not in seen, seen["error"]
+    assert [row["prompt"] for row in seen["prompts"]] == PROMPTS
+    genai = _genai_greedy(out, PROMPTS)
+    for row, io_bound, prompt, (genai_ids, genai_tokens) in zip(seen["prompts"], seen["io_binding"], PROMPTS, genai):
+        assert "error" not in row and "error" not in io_bound, (name, prompt, row.get("error"), io_bound.get("error"))
+        assert row["input_names"] == sorted(GRAPH_TEXT_INPUTS)  # no token_type_ids for the graph to reject
+        assert row["input_ids"] == genai_ids == tokenizer(prompt)["input_ids"], (name, prompt)
+        assert len(genai_tokens) == NEW_TOKENS
+        assert row["generated"] == genai_tokens, (name, prompt)
+        assert io_bound["generated"] == genai_tokens, (name, prompt)  # IO binding: output buffers Optimum sizes
+    verdict = report["models"][str(out)]
+    assert verdict["tokens_equal"] and all(row["first_difference"] is None for row in verdict["prompts"])
+
+
+@needs_bundled
+@needs_optimum
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_transformers_4_reads_the_same_config_values(optimum_run, name):
+    exported, report, optimum = optimum_run
+    model, _, out = exported[name]
+    config_4x = optimum["folders"][str(out)]["config"]
+    config_5x = json.loads(json.dumps(transformers.AutoConfig.from_pretrained(out).to_dict()))  # as 4.x's came
+    written = _json(out / "config.json")
+
+    assert config_4x["rope_theta"] == model.config.rope_parameters["rope_theta"]  # not 4.57's own default (1e6)
+    assert config_4x.get("rope_scaling") is None and config_5x["rope_parameters"]["rope_type"] == "default"
+    assert not config_5x.keys() - config_4x.keys()
+    for key in config_5x.keys() & config_4x.keys():
+        if key == "transformers_version" or config_4x[key] == config_5x[key]:
+            continue
+        # The one spelling difference: sliding window off, which 4.57's Qwen2-MoE stores as None and 5.x as 0.
+        assert key == "sliding_window" and (config_4x[key], config_5x[key]) == (None, 0), (name, key)
+        assert config_4x["use_sliding_window"] is config_5x["use_sliding_window"] is False, name
+    # What only 4.x has: its defaults for settings 5.x dropped (generation defaults, training losses), not the file's.
+    assert not (config_4x.keys() - config_5x.keys() - {"rope_theta", "rope_scaling"}) & written.keys(), name
+    assert not report["models"][str(out)]["config_differences"]
+
+    generation_4x = optimum["folders"][str(out)]["generation_config"]
+    generation_5x = transformers.GenerationConfig.from_pretrained(out).to_dict()
+    for key in _json(out / "generation_config.json").keys() - {"transformers_version"}:
+        assert generation_4x.get(key) == generation_5x[key], (name, key)
+
+
+@needs_bundled
+@needs_optimum
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_transformers_4_tokenizes_the_same(optimum_run, name):
+    exported, report, optimum = optimum_run
+    _, tokenizer, out = exported[name]
+    seen = optimum["folders"][str(out)]["tokenizer"]
+    assert seen["class"] == PORTABLE_TOKENIZER_CLASS
+    expected = _tokenizer_view(transformers.AutoTokenizer.from_pretrained(out), optimum["texts"])
+    assert {key: value for key, value in seen.items() if key != "class"} == \
+        {key: value for key, value in expected.items() if key != "class"}
+    assert [enc["input_ids"] for enc in seen["encoded"]] == [tokenizer(text)["input_ids"] for text in optimum["texts"]]
+    assert report["models"][str(out)]["tokenizer_equal"]
+
+
+@needs_bundled
+@needs_optimum
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_optimum_as_is_fails_only_where_it_guesses_the_cache_shape(optimum_run, name):
+    """The documented gap: Optimum's own KV shape, the graph's, and the error ORT gives when they differ."""
+    exported, _, optimum = optimum_run
+    model, _, out = exported[name]
+    seen = optimum["folders"][str(out)]
+    spec = cache_shapes(model.config)[0]
+    assert seen["graph_cache_shape"] == [spec.heads, spec.key_dim]
+    if seen["optimum_cache_shape"] == seen["graph_cache_shape"]:  # Optimum's guess is right: it works as it is
+        assert seen["as_is"]["generated"] == seen["prompts"][0]["generated"]
+    else:
+        assert "Got invalid dimensions for input: past_key_values" in seen["as_is"].get("error", ""), seen["as_is"]
+
+
+@needs_bundled
+@needs_optimum
+@pytest.mark.parametrize("name", [n for n in AVAILABLE if n in ("mixtral", "deepseek_v2")])  # GQA; MLA cache
+def test_optimum_example_generates_genai_tokens(optimum_run, tmp_path, name):
+    """The copy-paste example, run as it is in the Optimum Python on a folder called ``out``."""
+    exported, _, _ = optimum_run
+    (tmp_path / "out").symlink_to(exported[name][2], target_is_directory=True)
+    run = subprocess.run([OPTIMUM_PYTHON, "-c", OPTIMUM_EXAMPLE], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    [(ids, tokens)] = _genai_greedy(exported[name][2], ["def fibonacci(n):"], new_tokens=16)
+    assert json.loads(run.stdout.splitlines()[-1]) == ids + tokens
+
+
+def _readme_python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+def test_readme_optimum_example_is_the_tested_one():
+    """A README example that loads an export with ORTModelForCausalLM is the one tested above, letter for letter."""
+    for block in _readme_python_blocks():
+        if "ORTModelForCausalLM.from_pretrained" in block:
+            assert block == OPTIMUM_EXAMPLE, "README's Optimum example differs from tests/test_clients.py's"
+
+
+def test_check_script_helpers():
+    script = _check_script()
+    assert script.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert script.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert script.first_difference([1, 2], [1, 2, 3]) == 2
+    rope = {"rope_type": "default", "rope_theta": 1e4}
+    config_5x = {"model_type": "mixtral", "num_key_value_heads": 2, "rope_parameters": rope,
+                 "transformers_version": "5.24.0"}
+    config_4x = {**config_5x, "rope_theta": 1e4, "rope_scaling": None, "top_k": 50, "transformers_version": "4.57.6"}
+    assert script.config_differences(config_4x, config_5x, written=config_5x) == {}
+    # 4.57's Mixtral on a file without a top-level rope_theta: its own default, which the check must catch.
+    assert "rope_theta / rope_scaling" in script.config_differences({**config_4x, "rope_theta": 1e6}, config_5x, {})
+    assert script.config_differences({**config_4x, "num_key_value_heads": 4}, config_5x, {}) == {
+        "num_key_value_heads": [4, 2]}
+    # A key the file sets that 5.x dropped is a difference; 4.x's own defaults are not.
+    assert script.config_differences(config_4x, config_5x, written={"top_k": 50}) == {"top_k": [50, None]}
 
 
 def test_check_script_help_needs_no_optimum():
     """The script parses its arguments before importing optimum, so ``--help`` works in any venv."""
-    run = subprocess.run([sys.executable, str(CHECK_SCRIPT), "--help"], capture_output=True, text=True)
-    assert run.returncode == 0 and "ORTModelForCausalLM" in run.stdout
+    for command in ([], ["compare"], ["optimum"]):
+        run = subprocess.run([sys.executable, str(CHECK_SCRIPT), *command, "--help"], capture_output=True, text=True)
+        assert run.returncode == 0 and "usage" in run.stdout, run.stderr
+    assert "ORTModelForCausalLM" in subprocess.run([sys.executable, str(CHECK_SCRIPT), "--help"], capture_output=True,
+                                                   text=True).stdout

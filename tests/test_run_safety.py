@@ -194,3 +194,20 @@ def test_a_run_killed_between_the_two_fallback_renames_gets_its_previous_output_
         (built / "model.onnx").write_bytes(b"new")
         run.commit(built)  # the fallback path, whole this time
     assert (out / "model.onnx").read_bytes() == b"new" and hidden_leftovers(out) == []
+
+
+def test_quiet_prints_nothing_and_logs_have_no_terminal_codes(model, tmp_path):
+    """--quiet: no output at all on success; without it, a non-TTY log gets plain lines (no bars, no escapes);
+    every file written is 0644 whatever the writer (mkstemp and safetensors use 0600)."""
+    quiet = subprocess.run(command(model, tmp_path / "quiet", "0.5"), capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    args = [a for a in command(model, tmp_path / "log", "0.5") if a != "--quiet"]
+    logged = subprocess.run(args, capture_output=True, text=True)
+    assert logged.returncode == 0, logged.stderr
+    text = logged.stdout + logged.stderr
+    assert "\r" not in text and "\x1b" not in text and "Warning" not in text, text
+    assert "calibrat" in logged.stderr  # the stages are still logged, one plain line each
+    old_umask = os.umask(0o022)
+    os.umask(old_umask)
+    for path in (tmp_path / "quiet").rglob("*"):
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644) & ~old_umask | 0, path
