@@ -95,17 +95,8 @@ def _config_dict(folder: Path) -> dict:
 
 
 def _tokenizer_view(tokenizer, texts=TEXTS) -> dict:
-    """What a tokenizer does with text: class, vocabulary size, special tokens, ids and decoding."""
-    return {
-        "class": type(tokenizer).__name__,
-        "len": len(tokenizer),
-        "special": {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id",
-                                                             "unk_token_id")},
-        "all_special_tokens": list(tokenizer.all_special_tokens),
-        "max_length": tokenizer.model_max_length,
-        "encoded": [dict(tokenizer(text)) for text in texts],
-        "decoded": [tokenizer.decode(tokenizer(text)["input_ids"]) for text in texts],
-    }
+    """What a tokenizer does with text (the check script's view, so both venvs compare the same fields)."""
+    return _check_script().tokenizer_view(tokenizer, texts)
 
 
 # --- transformers 4.x spellings, read back by 5.x (always run) --------------------------------------------------------
