@@ -30,6 +30,9 @@ EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
+ATOL_HELP = ("absolute tolerance on logits (default fp32 1e-4); for fp16 the floor of ε in the bound "
+             "1.5 × PyTorch fp16's error + ε (default 2e-2)")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors that say what to do."""
@@ -129,8 +132,7 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="dtype of the exported graph")
     group.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                        help="ONNX Runtime execution provider of the validation (default cpu)")
-    group.add_argument("--atol", type=float, default=None,
-                       help="absolute tolerance on logits (default: fp32 1e-4, fp16 2e-2)")
+    group.add_argument("--atol", type=float, default=None, help=ATOL_HELP)
     group.add_argument("--no-validate", dest="validate", action="store_false",
                        help="skip the parity, memory and latency checks (and the unpruned export they compare to)")
     group.add_argument("--keep-failed", action="store_true",
@@ -212,8 +214,7 @@ class ValidateCommand(Command):
                               "OUT_DIR/report.json)")
         optional.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                               help="ONNX Runtime execution provider (default cpu)")
-        optional.add_argument("--atol", type=float, default=None,
-                              help="absolute tolerance on logits (default: fp32 1e-4, fp16 2e-2)")
+        optional.add_argument("--atol", type=float, default=None, help=ATOL_HELP)
         optional.add_argument("--no-latency", dest="latency", action="store_false",
                               help="skip the latency measurement")
         add_plan_weights_option(optional)

@@ -27,7 +27,7 @@ from typing import Iterator
 from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
 
-__all__ = ["EXPORT_DTYPES", "export_model", "validate_folder", "resolve_output", "find_plan_dir"]
+__all__ = ["EXPORT_DTYPES", "check_onnx_file", "export_model", "find_plan_dir", "resolve_output", "validate_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,8 +213,12 @@ def export_model(
     source = _source_record(str(model))
 
     stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
-    if validate:
+    # The unpruned export only serves the memory and latency comparisons: skip it when both are off.
+    options = validation_options or {}
+    compare_unpruned = validate and (options.get("memory", True) or options.get("latency", True))
+    if compare_unpruned:
         stages[2:2] = ["export unpruned"]
+    if validate:
         stages[-1:-1] = ["validate"]
     run = _Stages(stages, progress)
     validation = None
@@ -232,7 +236,7 @@ def export_model(
         unpruned_bound = lower_bound_bytes(loaded, dtype)
         with RunScratch(folder) as scratch, contextlib.ExitStack() as writing:
             baseline = None
-            if validate:
+            if compare_unpruned:
                 with run.stage("export unpruned"):
                     if plan.num_pruned:
                         baseline = scratch.folder("unpruned")
@@ -300,6 +304,30 @@ def export_model(
     return report
 
 
+def check_onnx_file(path: Path) -> None:
+    """A clear error for a ``model.onnx`` that is not a whole ONNX model, or whose external weights are missing or
+    short (a truncated copy); reads the graph, not the weights."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError (and others) on a broken file
+        raise UsageError(f"{path} is not a complete ONNX model ({type(exc).__name__}): truncated or corrupt; copy "
+                         "the folder again, or export again.") from None
+    needed: dict[str, int] = {}  # external data file → bytes the graph reads from it
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            needed[info["location"]] = max(needed.get(info["location"], 0), end)
+    for location, size in sorted(needed.items()):
+        data = path.parent / location
+        have = data.stat().st_size if data.is_file() else None
+        if have is None or have < size:
+            state = "is missing" if have is None else f"holds {have} bytes, the graph needs {size}"
+            raise UsageError(f"{data} {state}: the folder is incomplete; copy it again, or export again.")
+
+
 def _report_of(folder: Path) -> dict:
     from mone_export.report import REPORT_JSON
 
@@ -348,6 +376,7 @@ def validate_folder(
     folder = resolve_output(output_dir)
     if not (folder / MODEL_FILE).is_file():
         raise UsageError(f"{folder} holds no {MODEL_FILE}; pass the folder mone-export wrote.")
+    check_onnx_file(folder / MODEL_FILE)
     check_provider(provider)
     saved = _report_of(folder)
     if model is None:

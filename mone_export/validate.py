@@ -1,4 +1,4 @@
-"""Validation of an exported model against the pruned PyTorch model (SPEC §4).
+"""Validation of an exported model against the pruned PyTorch model (docs/validation.md).
 
 :func:`validate_export` runs the export in ONNX Runtime and the PyTorch model on the same inputs and reports:
 
@@ -9,14 +9,19 @@
   same first ``new_tokens`` tokens for every test prompt (both stop at the model's EOS); where they first differ
   at a *near tie* (PyTorch's logits of the two tokens within the logits tolerance) the prompt is reported as a
   near tie instead of a failure;
-- **memory**: the export's weight bytes against the lower bound (SPEC §3: at most 1.005×), and the ORT session's
-  peak memory, measured in a child process that only imports numpy and onnxruntime (CPU: growth of the peak
-  resident set ``VmHWM`` over the resident set before the session is created, around session creation, a prefill
-  and a decode step; CUDA: the child's device memory as ``nvidia-smi`` reports it, CUDA context included);
+- **memory**: the export's weight bytes against the lower bound (at most 1.005×, docs/graph.md#weight-bytes), and
+  the ORT session's peak memory, measured in a child process that only imports numpy and onnxruntime (CPU: growth
+  of the peak resident set ``VmHWM`` over the resident set before the session is created, around session creation,
+  a prefill and a decode step; CUDA: the child's device memory as ``nvidia-smi`` reports it, CUDA context
+  included);
 - **latency**: median prefill time (``prefill_tokens`` tokens) and per-token decode time (one token after that
   prefill), after warm-up, for the export, the unpruned export (``baseline_dir``) and PyTorch eager, in one run,
   interleaved round by round (machine-load drift hits all three alike), with their ratios. ORT sessions run
   without thread spinning, so that idle ORT threads do not steal the cores PyTorch is timed on.
+
+A **float16** export is judged differently (:mod:`mone_export.half_precision`): against the float32 PyTorch model,
+by the yardstick of the same model run by PyTorch in float16 (logits error at most 1.5 × PyTorch fp16's + ε,
+greedy agreement with float32 at least PyTorch fp16's, routing flips only at near ties).
 
 Test prompts are fixed-length chunks of the held-out split of ``python-code`` (never calibration text), or seeded
 random ids when there is no tokenizer. Every failed check is a :class:`ParityFailure` that names the output, the
@@ -63,10 +68,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
-"""Absolute tolerance on logits per export dtype (SPEC §4: fp32 1e-4, fp16 2e-2; bf16 is our choice)."""
+"""Absolute tolerance on logits per export dtype (fp32 1e-4; bf16 is our choice): docs/validation.md. For fp16 the
+floor of ε in the bound ``1.5 × PyTorch fp16's error + ε`` against float32 (:mod:`mone_export.half_precision`)."""
 
 WEIGHT_BOUND = 1.005
-"""SPEC §3: the export's weight bytes may exceed the pruned model's parameter bytes by at most 0.5 %."""
+"""The export's weight bytes may exceed the pruned model's parameter bytes by at most 0.5 % (docs/graph.md)."""
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -153,8 +159,22 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def create_session(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
-    """An ``InferenceSession`` on exactly ``provider`` (no silent CPU fallback for ``cuda``)."""
+def _with_outputs(path: Path, names: Sequence[str]) -> bytes:
+    """The serialized model at ``path`` with the graph values ``names`` added as outputs (external data not read)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return proto.SerializeToString()
+
+
+def create_session(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
+                   extra_outputs: Sequence[str] = ()):
+    """An ``InferenceSession`` on exactly ``provider`` (no silent CPU fallback for ``cuda``).
+
+    ``extra_outputs`` names intermediate graph values to return as well (the session is built from a copy of the
+    graph; external weights are still read from beside ``path``).
+    """
     import onnxruntime as ort
 
     name = check_provider(provider)
@@ -165,8 +185,13 @@ def create_session(path: str | os.PathLike, provider: str = "cpu", threads: int 
     # processes'); every ORT figure of one report is measured the same way.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    model: str | bytes = str(path)
+    if extra_outputs:
+        model = _with_outputs(Path(path), extra_outputs)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(path).resolve().parent))
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise MoneError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from exc
     if session.get_providers()[0] != name:
@@ -189,19 +214,22 @@ class OrtDecoder:
     """An exported decoder with KV cache in ONNX Runtime, called with numpy arrays.
 
     Reads the layout from the session: ``past_key_values.{i}.key|value [B, heads, P, dim]`` inputs and
-    ``logits``/``present.{i}.key|value`` outputs (SPEC §3 names).
+    ``logits``/``present.{i}.key|value`` outputs (the names of docs/graph.md#names-and-shapes). ``extra_outputs``
+    (intermediate values, e.g. the routing weights) come back from :meth:`run`.
     """
 
-    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
+                 extra_outputs: Sequence[str] = ()):
         self.path = _model_file(path)
         self.provider = provider
-        self.session = create_session(self.path, provider, threads)
+        self.extra_outputs = list(extra_outputs)
+        self.session = create_session(self.path, provider, threads, self.extra_outputs)
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]
         if missing or "logits" not in outputs:
             raise MoneError(f"{self.path} is not a decoder with KV cache: missing {missing or ['logits']} "
-                            "(expected the Optimum names of SPEC §3).")
+                            "(expected the input and output names of docs/graph.md#names-and-shapes).")
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
@@ -231,16 +259,22 @@ class OrtDecoder:
 
     def __call__(self, input_ids, attention_mask, position_ids, past: Sequence[np.ndarray]):
         """``(logits, present)`` for numpy int64 inputs and the past list."""
+        logits, present, _ = self.run(input_ids, attention_mask, position_ids, past)
+        return logits, present
+
+    def run(self, input_ids, attention_mask, position_ids, past: Sequence[np.ndarray]):
+        """``(logits, present, extras)``: :meth:`__call__` plus ``{name: array}`` of the ``extra_outputs``."""
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
                  "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
         feeds.update(zip(self.past_names, past))
         try:
-            outputs = self.session.run(self.output_names, feeds)
+            outputs = self.session.run(self.output_names + self.extra_outputs, feeds)
         except Exception as exc:
             raise MoneError(f"ONNX Runtime failed to run {self.path} on {self.provider}: "
                             f"{str(exc).splitlines()[0]}") from exc
-        return outputs[0], outputs[1:]
+        count = len(self.output_names)
+        return outputs[0], outputs[1:count], dict(zip(self.extra_outputs, outputs[count:]))
 
 
 # --- PyTorch side ---------------------------------------------------------------------------------------------------
@@ -662,13 +696,16 @@ def validate_export(
     decode_repeats: int = 20,
     progress: bool = False,
 ) -> dict:
-    """Check an export against the pruned PyTorch model it came from (SPEC §4) and return the report.
+    """Check an export against the pruned PyTorch model it came from (docs/validation.md) and return the report.
 
     Args:
         onnx_dir: the export folder (or its ``model.onnx``).
-        torch_model: the pruned PyTorch model; compared in the export's dtype (a converted copy if needed).
+        torch_model: the pruned PyTorch model; compared in the export's dtype (a converted copy if needed). A
+            float16 export is judged against its float32 version instead, with the float16 model as the yardstick
+            (:mod:`mone_export.half_precision`).
         provider: ``cpu`` or ``cuda`` (a UsageError when this onnxruntime or machine cannot run CUDA).
-        atol: absolute tolerance on logits; default :data:`TOLERANCES` for the export's dtype.
+        atol: absolute tolerance on logits; default :data:`TOLERANCES` for the export's dtype. For float16, the
+            floor of ε in the bound ``1.5 × PyTorch fp16's error + ε`` (:func:`mone_export.half_precision.epsilon`).
         prompts: ``[N, L]`` token ids, equal-length token-id lists, or texts (cut to the shortest); default
             :data:`DEFAULT_PROMPTS` held-out ``python-code`` chunks of :data:`PROMPT_TOKENS` tokens, or random ids
             without a tokenizer.
@@ -683,7 +720,8 @@ def validate_export(
 
     Returns:
         ``{"passed", "failures" (list of ParityFailure dicts), "logits" (per output), "generation", "memory",
-        "latency", "provider", "dtype", "atol", "prompts"}``. Nothing is raised for a failed check; call
+        "latency", "provider", "dtype", "atol", "prompts"}``, and for float16 ``"half_precision"`` (both errors,
+        ε, the bound, greedy agreements, routing flips). Nothing is raised for a failed check; call
         :func:`raise_for_failures` for that.
     """
     log = logger.info if progress else logger.debug
@@ -696,6 +734,11 @@ def validate_export(
     if decoder.num_layers != int(torch_model.config.num_hidden_layers):
         raise UsageError(f"{decoder.path} has {decoder.num_layers} cached layers but the PyTorch model has "
                          f"{torch_model.config.num_hidden_layers}; validate the export against its own model.")
+    half = dtype_name == "float16"
+    if half:
+        from mone_export.half_precision import check_half_generation, check_half_logits, float32_reference
+
+        reference = float32_reference(torch_model)  # what an fp16 export is judged against; ``model``: the yardstick
     model = _reference_model(torch_model, dtype_name)
     vocab = int(model.config.vocab_size)
     if tokenizer is None and Path(onnx_dir).is_dir():
@@ -719,12 +762,21 @@ def validate_export(
         clock = now
 
     log("validating %s on %s: logits at prefill and %d decode steps", decoder.path, provider, decode_steps)
-    report["logits"], found = _check_logits(decoder, model, ids, decode_steps, atol, dtype_name)
+    if half:
+        report["logits"], report["half_precision"], found = check_half_logits(
+            decoder.path, provider, reference, model, ids, decode_steps, atol)
+    else:
+        report["logits"], found = _check_logits(decoder, model, ids, decode_steps, atol, dtype_name)
     failures += found
     lap("logits")
     if new_tokens > 0:
         log("greedy generation: %d prompts x %d new tokens", ids.shape[0], new_tokens)
-        report["generation"], found = _check_generation(decoder, model, ids, new_tokens, atol)
+        if half:
+            report["generation"], found = check_half_generation(decoder, reference, model, ids, new_tokens,
+                                                                report["half_precision"]["bound"])
+            report["half_precision"]["agreement"] = report["generation"]["agreement"]
+        else:
+            report["generation"], found = _check_generation(decoder, model, ids, new_tokens, atol)
         failures += found
         lap("generation")
     baseline = _model_file(baseline_dir) if baseline_dir is not None else None

@@ -305,6 +305,20 @@ def validate_without_plan(ws, case, monkeypatch):
     return ["validate", str(folder), "--model", str(ws.model), "--no-latency"]
 
 
+def broken_export(edit):
+    """A copy of the previous export whose files ``edit(folder)`` damaged (an interrupted copy)."""
+    def build(ws, case, monkeypatch):
+        folder = case / "export"
+        shutil.copytree(ws.exported, folder)
+        edit(folder)
+        return ["validate", str(folder), "--model", str(ws.model), "--no-latency"]
+    return build
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
 def missing_pruned_weights(ws, case, monkeypatch):
     pruned = case / "pruned"
     shutil.copytree(ws.pruned, pruned)
@@ -433,6 +447,8 @@ CASES = [
     # validate
     ("validate-no-onnx", argv("validate", "{pruned}", "--model", "{model}"), 2, "model.onnx"),
     ("validate-no-plan", validate_without_plan, 2, "no plan/"),
+    ("validate-truncated-onnx", broken_export(lambda f: _truncate(f / "model.onnx", 1000)), 2, "truncated or corrupt"),
+    ("validate-onnx-is-text", broken_export(lambda f: (f / "model.onnx").write_text("hello")), 2, "not a complete"),
     ("validate-atol-nan", argv("validate", "{exported}", "--model", "{model}", "--atol", "nan"), 2, "--atol"),
     ("validate-missing-folder", argv("validate", "{case}/nothing"), 2, "nothing"),
 ]
@@ -473,3 +489,29 @@ def test_hostile_input(name, build, code, message, ws, tmp_path, monkeypatch, ca
     monkeypatch.undo()
     assert snapshot(ws.root, case, BUNDLED_DIR) == before  # nothing written, nothing touched, no scratch left
     assert not logs.exists()  # a user mistake is not a crash
+
+
+def test_a_short_or_missing_external_data_file_is_named(tmp_path):
+    """Large exports keep their weights in model.onnx.data: a truncated copy of it is refused before ORT reads it."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from mone_export.errors import UsageError
+    from mone_export.export_pipeline import check_onnx_file
+
+    weight = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    check_onnx_file(path)  # whole: accepted
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="holds 1000 bytes, the graph needs 16384"):
+        check_onnx_file(path)
+    data.unlink()
+    with pytest.raises(UsageError, match="model.onnx.data is missing"):
+        check_onnx_file(path)
