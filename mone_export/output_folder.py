@@ -283,7 +283,7 @@ def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan
         if plan is not None:
             plan.save(tmp / PLAN_SUBDIR)
         yield tmp
-    logger.info("wrote %s", out_dir)
+    logger.debug("wrote %s", out_dir)
 
 
 def write_output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan=None, overwrite: bool = False,
