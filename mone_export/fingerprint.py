@@ -24,7 +24,7 @@ from torch import nn
 
 from mone_export.adapters import MoeLayer, moe_layers_or_error
 
-__all__ = ["FINGERPRINT_SCHEME", "SAMPLES_PER_EXPERT", "experts_dtype", "experts_fingerprint", "experts_fingerprints",
+__all__ = ["FINGERPRINT_SCHEME", "FingerprintBuilder", "SAMPLES_PER_EXPERT", "experts_dtype", "experts_fingerprint", "experts_fingerprints",
            "layer_fingerprint_update", "matches"]
 
 FINGERPRINT_SCHEME = "mone-export/experts-fingerprint/v1"
@@ -71,14 +71,33 @@ def experts_fingerprint(model: nn.Module, rounded_to: torch.dtype | None = None)
     return "sha256:" + digest.hexdigest()
 
 
+class FingerprintBuilder:
+    """:func:`experts_fingerprints` built one MoE layer at a time (in layer order), for models streamed by layer."""
+
+    def __init__(self, dtype: torch.dtype):
+        roundings = [None] + (list(ROUNDINGS_OF_FLOAT32) if dtype == torch.float32 else [])
+        names = [_dtype_name(dtype)] + [_dtype_name(d) for d in roundings[1:]]
+        self._digests = {name: (hashlib.sha256(FINGERPRINT_SCHEME.encode() + b"\n"), rounded)
+                         for name, rounded in zip(names, roundings)}
+
+    def update(self, layer: MoeLayer) -> None:
+        """Add the next MoE layer (its weights must be in memory)."""
+        for digest, rounded in self._digests.values():
+            layer_fingerprint_update(digest, layer, rounded)
+
+    def result(self) -> dict[str, str]:
+        """Dtype name → ``sha256:<hex>``, as :func:`experts_fingerprints` returns it."""
+        return {name: "sha256:" + digest.hexdigest() for name, (digest, _) in self._digests.items()}
+
+
 def experts_fingerprints(model: nn.Module) -> dict[str, str]:
     """Dtype name → fingerprint of the experts as loaded in that dtype: their own, and for float32 weights also
     their rounding to :data:`ROUNDINGS_OF_FLOAT32`."""
-    dtype = experts_dtype(model)
-    prints = {_dtype_name(dtype): experts_fingerprint(model)}
-    if dtype == torch.float32:
-        prints.update({_dtype_name(d): experts_fingerprint(model, rounded_to=d) for d in ROUNDINGS_OF_FLOAT32})
-    return prints
+    _, layers = moe_layers_or_error(model)
+    builder = FingerprintBuilder(experts_dtype(model))
+    for layer in layers:
+        builder.update(layer)
+    return builder.result()
 
 
 def matches(model: nn.Module, recorded: dict[str, str], computed_in: str) -> tuple[bool, str]:

@@ -94,6 +94,20 @@ def _experts_implementation(config, dtype: torch.dtype) -> str | None:
     return "eager" if any(r % 16 for r in rows) else None
 
 
+def model_build_options(config, dtype=None, attn_implementation: str | None = None) -> dict:
+    """The keyword arguments every model of ``config`` is built with (loaded whole or streamed by layer): its
+    dtype, the attention implementation (transformers' default unless given) and, where transformers' fused kernel
+    cannot run, eager experts. One place, so both ways compute the same numbers."""
+    torch_dtype = parse_dtype(dtype)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    experts_impl = _experts_implementation(config, torch_dtype)
+    if experts_impl:
+        kwargs["experts_implementation"] = experts_impl
+    return kwargs
+
+
 def _load_config(path: Path):
     import transformers
 
@@ -136,13 +150,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
     path = resolve_model_path(name_or_path)
     config = _load_config(path)
     get_adapter(config)  # unknown or non-MoE families fail here, before any weight is read
-    torch_dtype = parse_dtype(dtype)
-    kwargs = {"dtype": torch_dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    experts_impl = _experts_implementation(config, torch_dtype)
-    if experts_impl:
-        kwargs["experts_implementation"] = experts_impl
+    kwargs = model_build_options(config, dtype, attn_implementation)
     if (path / PRUNED_MARKER).is_file():
         model = _load_pruned(path, config, kwargs)
     else:

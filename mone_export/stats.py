@@ -23,7 +23,7 @@ from mone_export.errors import UsageError
 from mone_export.fingerprint import experts_dtype, experts_fingerprints
 from mone_export.progress import progress_bar
 
-__all__ = ["LayerStats", "ExpertStats", "collect_stats", "recording_experts"]
+__all__ = ["LayerStats", "ExpertStats", "check_unpruned", "collect_stats", "recording_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,14 @@ def _instrumented_forward(layer_stats: LayerStats, experts: nn.Module):
 
 
 @contextlib.contextmanager
-def recording_experts(model: nn.Module, stats: dict[int, LayerStats]) -> Iterator[None]:
-    """Swap an instrumented forward into every MoE layer's experts; always restore the original ones."""
+def recording_experts(model: nn.Module, stats: dict[int, LayerStats], only: Iterable[int] | None = None
+                      ) -> Iterator[None]:
+    """Swap an instrumented forward into every MoE layer's experts (or those of the decoder layers ``only``);
+    always restore the original ones."""
     _, layers = moe_layers_or_error(model)
+    if only is not None:
+        wanted = set(only)
+        layers = [layer for layer in layers if layer.index in wanted]
     patched: list[MoeLayer] = []
     try:
         for layer in layers:
@@ -152,7 +157,8 @@ def recording_experts(model: nn.Module, stats: dict[int, LayerStats]) -> Iterato
             del layer.experts.forward
 
 
-def _check_unpruned(layers: list[MoeLayer]) -> None:
+def check_unpruned(layers: list[MoeLayer]) -> None:
+    """A clear error when a layer was already pruned: statistics are collected on the original experts."""
     for layer in layers:
         if not hasattr(layer.experts, "gate_up_proj") or getattr(layer.experts, "is_pruned", False):
             raise UsageError(
@@ -173,7 +179,7 @@ def collect_stats(
         calibration: a description of the data, kept in the stats and the plan.
     """
     adapter, layers = moe_layers_or_error(model)
-    _check_unpruned(layers)
+    check_unpruned(layers)
     fingerprints = experts_fingerprints(model)
     dtype = str(experts_dtype(model)).removeprefix("torch.")
     stats = {

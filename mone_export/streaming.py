@@ -1,0 +1,256 @@
+"""Models larger than memory: a checkpoint's skeleton on the ``meta`` device, decoder layers loaded one at a time.
+
+:class:`LayerStreamedModel` builds the model from its config on ``meta`` (nothing allocated), loads what is not a
+decoder layer (embeddings, final norm, LM head, rotary buffers), and loads / releases one decoder layer at a time
+from the checkpoint's safetensors files, single or sharded. The tensors go through transformers' own loading
+(:func:`transformers.core_model_loading.convert_and_load_state_dict_in_model` with the model's conversion mapping),
+so the legacy per-expert names real checkpoints use are fused exactly as ``from_pretrained`` fuses them, for every
+family transformers knows, and dtype casts are the same.
+
+:func:`collect_stats_streamed` is calibration by *sequential onloading* (as llm-compressor does it): the two loops
+of a forward are swapped. All calibration batches are embedded first; their inputs to the first decoder layer
+(hidden states and the keyword arguments the model's own forward computes for its layers: mask, rotary position
+embeddings, ...) are captured by running the real forward up to that layer. Then, per decoder layer: load it, run
+every batch through it while the experts' statistics are recorded (the same instrumented experts forward as
+:func:`mone_export.stats.collect_stats`), keep its outputs as the next layer's inputs, release it. Only one
+decoder layer's weights are resident; the statistics are the ones of an in-memory forward over the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from mone_export.adapters import moe_layers_or_error
+from mone_export.checkpoint import check_checkpoint_files
+from mone_export.errors import UsageError
+from mone_export.fingerprint import FingerprintBuilder
+from mone_export.loading import model_build_options
+from mone_export.progress import progress_bar
+from mone_export.stats import ExpertStats, LayerStats, check_unpruned, recording_experts
+
+__all__ = ["LayerStreamedModel", "collect_stats_streamed"]
+
+logger = logging.getLogger(__name__)
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class _StopAtFirstLayer(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are known."""
+
+
+class LayerStreamedModel:
+    """A causal LM whose decoder layers live on ``meta`` until :meth:`loaded_layer` brings one into memory.
+
+    Args:
+        folder: a local Hugging Face checkpoint folder with safetensors weights (single file or sharded).
+        dtype: the dtype to load the weights in (the compute dtype), default float32.
+        attn_implementation: as for :func:`mone_export.load_model` (default: transformers' choice), so a streamed
+            forward computes what an in-memory one does.
+    """
+
+    def __init__(self, folder: str | os.PathLike, dtype=None, attn_implementation: str | None = None):
+        import transformers
+
+        self.folder = Path(folder)
+        self.config = transformers.AutoConfig.from_pretrained(str(self.folder))
+        options = model_build_options(self.config, dtype, attn_implementation)
+        self.dtype = options["dtype"]
+        _refuse_mixed_layer_types(self.config)
+        check_checkpoint_files(self.folder, self.config)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(self.config, **options)
+        self.model = model.eval()
+        self.adapter, self.moe_layers = moe_layers_or_error(self.model)
+        self._keys_by_layer, self._other_keys, self._files = _index_checkpoint(self.folder)
+        self._materialize_non_persistent_buffers()
+        self._load_keys(self._other_keys, lambda name: _layer_of(name) is None)
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The model's decoder layers (on ``meta`` unless loaded)."""
+        return self.adapter.decoder_layers(self.model)
+
+    @contextlib.contextmanager
+    def loaded_layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with its weights in memory for the block; released (back to ``meta``) after."""
+        layer = self.decoder_layers[index]
+        self._load_keys(self._keys_by_layer.get(index, []), lambda name: _layer_of(name) == index)
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+
+    def _load_keys(self, keys: list[str], wanted) -> None:
+        """Load checkpoint tensors ``keys`` through transformers' conversion; every model tensor ``wanted(name)``
+        selects must be loaded, and nothing unexpected or misshapen may come."""
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._files[key], []).append(key)
+        with contextlib.ExitStack() as stack:
+            state = {}
+            for path, names in by_file.items():
+                handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                state.update({name: handle.get_slice(name) for name in names})
+            config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=get_model_conversion_mapping(self.model))
+            with _transformers_quiet():
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        missing = sorted(k for k in info.missing_keys if wanted(k) and k not in self._tied_keys())
+        problems = [("lacks", missing), ("holds unexpected", sorted(info.unexpected_keys)),
+                    ("has wrongly shaped", sorted(k if isinstance(k, str) else k[0] for k in info.mismatched_keys))]
+        for what, names in problems:
+            if names:
+                raise UsageError(f"the checkpoint in {self.folder} {what} tensors: {', '.join(names[:3])}"
+                                 f"{' ...' if len(names) > 3 else ''}; copy it again.")
+        if info.conversion_errors:
+            name = sorted(info.conversion_errors)[0]
+            raise UsageError(f"the checkpoint in {self.folder}: {name} could not be converted "
+                             f"({info.conversion_errors[name]}); copy it again.")
+
+    def _tied_keys(self) -> set[str]:
+        return set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+
+    def _materialize_non_persistent_buffers(self) -> None:
+        """Buffers the checkpoint does not hold (rotary ``inv_freq``) computed on the CPU, as ``from_pretrained``
+        does after loading: an empty tensor, then the model's own initialisation of that module."""
+        owners = {}
+        for name, buffer in self.model.named_buffers():
+            module_name, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if leaf in getattr(module, "_non_persistent_buffers_set", set()) and buffer.is_meta:
+                module.register_buffer(leaf, torch.empty_like(buffer, device="cpu"), persistent=False)
+                owners[module_name] = module
+        for module in owners.values():
+            self.model._init_weights(module)  # the one place transformers computes these buffers
+
+
+def _refuse_mixed_layer_types(config) -> None:
+    types = set(getattr(config, "layer_types", None) or [])
+    if len(types) > 1:
+        raise UsageError(f"{config.model_type} mixes decoder layer types {sorted(types)}; layer-streamed "
+                         "calibration reuses the first layer's attention inputs and does not support that yet: "
+                         "calibrate in memory.")
+
+
+def _layer_of(name: str) -> int | None:
+    match = _LAYER_KEY.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _index_checkpoint(folder: Path) -> tuple[dict[int, list[str]], list[str], dict[str, Path]]:
+    """Checkpoint tensor names by decoder layer, the others, and the file of each (safetensors headers only)."""
+    from mone_export.checkpoint import safetensors_header, weight_files
+
+    files: dict[str, Path] = {}
+    for path in weight_files(folder):
+        if path.suffix != ".safetensors":
+            raise UsageError(f"{path}: layer-streamed loading reads safetensors files only; convert the "
+                             "checkpoint (transformers' save_pretrained writes safetensors).")
+        files.update({name: path for name in safetensors_header(path)})
+    by_layer: dict[int, list[str]] = {}
+    others = []
+    for name in sorted(files):
+        layer = _layer_of(name)
+        if layer is None:
+            others.append(name)
+        else:
+            by_layer.setdefault(layer, []).append(name)
+    return by_layer, others, files
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' loader shows a progress bar per call: one per layer would flood a log."""
+    import transformers
+
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _first_layer_inputs(streamed: LayerStreamedModel, batch: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments the model's own forward passes to its first decoder layer."""
+    captured: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopAtFirstLayer
+
+    handle = streamed.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        streamed.model(input_ids=batch, use_cache=False)
+    except _StopAtFirstLayer:
+        pass
+    finally:
+        handle.remove()
+    return captured["args"], captured["kwargs"]
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def collect_stats_streamed(streamed: LayerStreamedModel, batches: Iterable[torch.Tensor], progress: bool = True,
+                           calibration: dict | None = None) -> ExpertStats:
+    """:func:`mone_export.stats.collect_stats` with one decoder layer in memory at a time (module docstring).
+
+    The statistics equal an in-memory forward's over the same batches: each layer sees the same inputs and runs
+    the same instrumented experts forward. The experts fingerprint is built layer by layer as they are loaded.
+    """
+    batches = list(batches)
+    if not batches:
+        raise UsageError("no calibration batches were given; pass at least one [B, S] token batch.")
+    model = streamed.model
+    stats = {layer.index: LayerStats(layer.num_experts, layer.hidden_size, layer.top_k)
+             for layer in streamed.moe_layers}
+    moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
+    fingerprint = FingerprintBuilder(streamed.dtype)
+    with torch.inference_mode():
+        inputs = [_first_layer_inputs(streamed, batch) for batch in batches]
+        hidden = [args[0] if args else kwargs.pop("hidden_states") for args, kwargs in inputs]
+        calls = [(args[1:], kwargs) for args, kwargs in inputs]
+        for index in progress_bar(range(len(streamed.decoder_layers)), desc="calibrating (by layer)", unit="layer",
+                                  enabled=progress):
+            with streamed.loaded_layer(index) as layer, _recording_layer(model, moe_by_index, index, stats):
+                if index in moe_by_index:
+                    check_unpruned([moe_by_index[index]])
+                    fingerprint.update(moe_by_index[index])
+                hidden = [_hidden_of(layer(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
+    tokens = sum(int(b.numel()) for b in batches)
+    logger.info("collected expert statistics over %d tokens in %d MoE layers, one layer in memory at a time", tokens,
+                len(stats))
+    info = dict(calibration or {})
+    info.setdefault("tokens", tokens)
+    return ExpertStats(streamed.adapter.model_type, int(model.config.num_hidden_layers), stats, info,
+                       fingerprint.result(), str(streamed.dtype).removeprefix("torch."))
+
+
+@contextlib.contextmanager
+def _recording_layer(model, moe_by_index, index: int, stats) -> Iterator[None]:
+    """The instrumented experts forward on layer ``index`` only (a dense layer records nothing)."""
+    if index not in moe_by_index:
+        yield
+        return
+    with recording_experts(model, {index: stats[index]}, only=[index]):
+        yield
