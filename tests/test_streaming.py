@@ -1,0 +1,116 @@
+"""Layer-streamed loading and calibration: the same statistics as in memory, one decoder layer resident at a time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mone_export import collect_stats, load_model, plan_pruning
+from mone_export.errors import UsageError
+from mone_export.loading import bundled_model_path
+from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
+from tiny_models import FAMILIES, tiny_batches, tiny_model
+
+BUNDLED = [name for name in ("mixtral", "qwen2_moe", "olmoe", "deepseek_v2") if bundled_model_path(name)]
+
+
+def assert_same_stats(a, b) -> None:
+    """Every per-expert statistic equal to 1e-9 relative (in practice the streamed numbers are bit-identical)."""
+    assert sorted(a.layers) == sorted(b.layers)
+    for index in a.layers:
+        for name, value in vars(a.layers[index]).items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_allclose(getattr(b.layers[index], name), value, rtol=1e-9, atol=0,
+                                           err_msg=f"layer {index} {name}")
+            else:
+                assert getattr(b.layers[index], name) == value, (index, name)
+    assert a.experts_fingerprints == b.experts_fingerprints and a.num_tokens == b.num_tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_of_every_family_stream_to_the_same_statistics(family, tmp_path):
+    folder = tmp_path / family
+    tiny_model(family, seed=0).save_pretrained(folder, max_shard_size="50KB")  # sharded, with an index
+    assert (folder / "model.safetensors.index.json").is_file()
+    model, _ = load_model(folder)
+    vocab = model.config.vocab_size
+    batches = tiny_batches(vocab_size=vocab, num=3, batch=2, seq=11)
+    in_memory = collect_stats(model, batches, progress=False)
+    streamed = collect_stats_streamed(LayerStreamedModel(folder), batches, progress=False)
+    assert_same_stats(in_memory, streamed)
+    assert plan_pruning(in_memory, 0.5, "mone").pruned == plan_pruning(streamed, 0.5, "mone").pruned
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_models_stream_to_the_same_statistics(name):
+    model, _ = load_model(name)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 48), generator=gen) for _ in range(2)]
+    assert_same_stats(collect_stats(model, batches, progress=False),
+                      collect_stats_streamed(LayerStreamedModel(bundled_model_path(name)), batches, progress=False))
+
+
+def test_only_one_decoder_layer_is_in_memory_at_a_time(tmp_path):
+    folder = tmp_path / "mixtral"
+    tiny_model("mixtral", seed=0).save_pretrained(folder)
+    streamed = LayerStreamedModel(folder)
+    assert all(p.is_meta for layer in streamed.decoder_layers for p in layer.parameters())
+    assert not any(p.is_meta for name, p in streamed.model.named_parameters() if ".layers." not in name)
+    resident = []
+    original = streamed.loaded_layer
+
+    def watching(index):
+        resident.append([i for i, layer in enumerate(streamed.decoder_layers)
+                         if not next(layer.parameters()).is_meta])
+        return original(index)
+
+    streamed.loaded_layer = watching
+    collect_stats_streamed(streamed, tiny_batches(), progress=False)
+    assert resident == [[] for _ in streamed.decoder_layers]  # nothing else resident when a layer is loaded
+    assert all(p.is_meta for layer in streamed.decoder_layers for p in layer.parameters())  # all released after
+
+
+def test_a_bf16_checkpoint_streams_in_its_dtype_with_float64_statistics(tmp_path):
+    folder = tmp_path / "bf16"
+    tiny_model("qwen3_moe", seed=0).to(torch.bfloat16).save_pretrained(folder)
+    model, _ = load_model(folder, dtype="bf16")
+    batches = tiny_batches(vocab_size=model.config.vocab_size)
+    streamed = LayerStreamedModel(folder, dtype="bf16")
+    assert streamed.dtype == torch.bfloat16
+    stats = collect_stats_streamed(streamed, batches, progress=False)
+    assert_same_stats(collect_stats(model, batches, progress=False), stats)
+    assert next(iter(stats.layers.values())).mean.dtype == np.float64 and stats.experts_dtype == "bfloat16"
+
+
+def _drop_tensor(folder, fragment):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in sorted(tensors) if fragment in n)
+    del tensors[name]
+    save_file(tensors, path, metadata={"format": "pt"})
+    return name
+
+
+def test_a_missing_tensor_is_named_not_random_initialised(tmp_path):
+    folder = tmp_path / "broken"
+    tiny_model("mixtral", seed=0).save_pretrained(folder)
+    name = _drop_tensor(folder, "layers.1.self_attn.q_proj")
+    streamed = LayerStreamedModel(folder)  # layer 1 is only read when it is needed
+    with pytest.raises(UsageError, match=r"lacks tensors: model\.layers\.1\.self_attn\.q_proj\.weight"):
+        collect_stats_streamed(streamed, tiny_batches(), progress=False)
+    assert name == "model.layers.1.self_attn.q_proj.weight"
+
+
+def test_a_missing_shard_is_named_before_anything_loads(tmp_path):
+    folder = tmp_path / "sharded"
+    tiny_model("olmoe", seed=0).save_pretrained(folder, max_shard_size="50KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (folder / shard).unlink()
+    with pytest.raises(UsageError, match=shard):
+        LayerStreamedModel(folder)
