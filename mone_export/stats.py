@@ -67,6 +67,21 @@ class LayerStats:
         self.count[expert] = total
         self.reap_sum[expert] += float(np.dot(weights, np.linalg.norm(outputs, axis=1)))
 
+    def merge(self, other: "LayerStats") -> None:
+        """Add the statistics ``other`` collected on other tokens (another rank's): Chan et al.'s pairwise update
+        of the means and M2, exact up to float64 rounding; counts and sums add."""
+        if (other.num_experts, other.hidden_size) != (self.num_experts, self.hidden_size):
+            raise ValueError("cannot merge statistics of layers of different shapes")
+        total = self.count + other.count
+        safe = np.maximum(total, 1).astype(np.float64)[:, None]
+        delta = other.mean - self.mean
+        self.m2 += other.m2 + delta**2 * (self.count.astype(np.float64) * other.count / safe[:, 0])[:, None]
+        self.mean += delta * (other.count[:, None] / safe)
+        self.count = total
+        self.num_tokens += other.num_tokens
+        self.routing_sum += other.routing_sum
+        self.reap_sum += other.reap_sum
+
     @property
     def frequency(self) -> np.ndarray:
         """count_e / N."""
@@ -106,6 +121,17 @@ class ExpertStats:
     """:func:`mone_export.fingerprint.experts_fingerprints` of the model the statistics were collected on."""
     experts_dtype: str | None = None
     """The dtype of that model's expert weights (``float32``, ...)."""
+
+    def merge(self, other: "ExpertStats") -> None:
+        """Add the statistics of the same model collected on other calibration tokens (another rank's)."""
+        if (other.model_type, sorted(other.layers)) != (self.model_type, sorted(self.layers)):
+            raise ValueError("cannot merge statistics of different models")
+        if other.experts_fingerprints != self.experts_fingerprints:
+            raise ValueError("cannot merge statistics collected on different weights")
+        for index, layer in self.layers.items():
+            layer.merge(other.layers[index])
+        if "tokens" in self.calibration and "tokens" in other.calibration:
+            self.calibration["tokens"] += other.calibration["tokens"]
 
     @property
     def num_tokens(self) -> int:

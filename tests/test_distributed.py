@@ -1,0 +1,122 @@
+"""Data-parallel calibration: 2 ranks on gloo (launched by torchrun) make the plan a single process makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mone_export import collect_stats, load_model, plan_pruning
+from tiny_models import tiny_batches, tiny_model
+
+RANK_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import numpy as np, torch
+    import torch.distributed as dist
+    from mone_export import load_model, plan_pruning
+    from mone_export.distributed import collect_stats_distributed, init_from_environment
+    from mone_export.streaming import LayerStreamedModel
+
+    folder, out, streamed = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed"
+    torch.set_num_threads(1)
+    init_from_environment("gloo")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 97, (2, 11), generator=gen) for _ in range(5)]
+    model = LayerStreamedModel(folder) if streamed else load_model(folder)[0]
+    stats = collect_stats_distributed(model, batches, progress=False)
+    plan = plan_pruning(stats, 0.5, "mone")
+    layers = {str(i): {k: getattr(l, k).tolist() for k in ("count", "routing_sum", "reap_sum", "mean", "m2")}
+              | {"num_tokens": l.num_tokens} for i, l in stats.layers.items()}
+    with open(f"{out}.{dist.get_rank()}.json", "w") as handle:
+        json.dump({"pruned": {str(k): v for k, v in plan.pruned.items()}, "layers": layers,
+                   "tokens": stats.calibration["tokens"]}, handle)
+    dist.destroy_process_group()
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_ranks(tmp_path, folder, mode: str) -> list[dict]:
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp_path / f"result-{mode}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script),
+                             str(folder), str(out), mode], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"result-{mode}.{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_two_gloo_ranks_merge_to_the_single_process_statistics_and_plan(tmp_path):
+    folder = tmp_path / "model"
+    tiny_model("mixtral", seed=0).save_pretrained(folder)
+    model, _ = load_model(folder)  # as the ranks load it (the same attention implementation)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 97, (2, 11), generator=gen) for _ in range(5)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs: fp32 kernels may round differently with other thread counts
+    try:
+        single = collect_stats(model, batches, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    expected_plan = {str(k): v for k, v in plan_pruning(single, 0.5, "mone").pruned.items()}
+    for mode in ("in-memory", "streamed"):
+        ranks = run_two_ranks(tmp_path, folder, mode)
+        assert ranks[0] == ranks[1]  # every rank holds the same merged statistics
+        assert ranks[0]["pruned"] == expected_plan and ranks[0]["tokens"] == 5 * 22
+        for index, layer in single.layers.items():
+            merged = ranks[0]["layers"][str(index)]
+            assert merged["num_tokens"] == layer.num_tokens
+            for key in ("count", "routing_sum", "reap_sum", "mean", "m2"):
+                np.testing.assert_allclose(np.asarray(merged[key]), getattr(layer, key), rtol=1e-9,
+                                           atol=1e-12 * float(np.abs(getattr(layer, key)).max() or 1), err_msg=key)
+
+
+def test_merging_is_chans_update_against_brute_force():
+    """Statistics of two token sets merged equal those of the union computed directly from the outputs."""
+    from mone_export.stats import LayerStats
+
+    rng = np.random.default_rng(0)
+    a, b, union = LayerStats(3, 4, 1), LayerStats(3, 4, 1), LayerStats(3, 4, 1)
+    outputs = {e: rng.normal(size=(int(rng.integers(0, 9)), 4)) * (e + 1) for e in range(3)}
+    for expert, rows in outputs.items():
+        weights = rng.uniform(size=len(rows))
+        split = len(rows) // 3
+        a.add_expert_outputs(expert, rows[:split], weights[:split])
+        b.add_expert_outputs(expert, rows[split:], weights[split:])
+        union.add_expert_outputs(expert, rows, weights)
+    a.merge(b)
+    for expert, rows in outputs.items():
+        assert a.count[expert] == len(rows)
+        if len(rows):
+            np.testing.assert_allclose(a.mean[expert], rows.mean(axis=0), rtol=1e-12)
+            np.testing.assert_allclose(a.m2[expert], ((rows - rows.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(a.reap_sum, union.reap_sum, rtol=1e-12)
+
+
+def test_fewer_batches_than_ranks_is_a_usage_error():
+    import torch.distributed as dist
+
+    from mone_export.distributed import collect_stats_distributed
+    from mone_export.errors import UsageError
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(UsageError, match="at least one batch per rank"):
+            collect_stats_distributed(tiny_model("mixtral"), [], progress=False)
+        assert collect_stats_distributed(tiny_model("mixtral"), tiny_batches(num=1), progress=False).num_tokens == 22
+    finally:
+        dist.destroy_process_group()
