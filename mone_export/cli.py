@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: internal error ({_first_line(exc)}); nothing was written; this is a bug, please report it: "
               f"{where}", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
+    if "rank" in report:  # a secondary rank of a torchrun launch: it calibrated its share, rank 0 reports
+        return int(report.get("exit_code", 0))
     if getattr(args, "json", False):
         print(json.dumps(report, indent=1))
     elif not quiet:

@@ -6,7 +6,7 @@ Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...
     torchrun --nproc-per-node 2 my_calibration.py          # CPU: the gloo backend
     torchrun --nproc-per-node 8 my_calibration.py          # one GPU per rank: NCCL
 
-Rank ``r`` of ``W`` takes batches ``r, r + W, r + 2W, ...``; after its local pass every rank gathers all ranks'
+Rank ``r`` of ``W`` takes the calibration batches ``r, r + W, r + 2W, ...`` (:func:`share_of_samples`); after its local pass every rank gathers all ranks'
 :class:`~mone_export.stats.ExpertStats` and merges them in rank order (counts and sums add, means and M2 combine
 by Chan et al.'s pairwise update), so every rank holds the same statistics, equal to a single-process run's to
 float64 rounding (about 1e-14 relative), and makes the same plan.
@@ -23,7 +23,8 @@ import torch
 from mone_export.errors import UsageError
 from mone_export.stats import ExpertStats, collect_stats
 
-__all__ = ["collect_stats_distributed", "init_from_environment", "is_distributed_launch"]
+__all__ = ["collect_stats_distributed", "init_from_environment", "is_distributed_launch", "is_primary",
+           "share_of_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ logger = logging.getLogger(__name__)
 def is_distributed_launch() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher) as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_primary() -> bool:
+    """Whether this process writes outputs: rank 0 of a launch, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_from_environment(backend: str | None = None) -> None:
@@ -46,6 +52,20 @@ def init_from_environment(backend: str | None = None) -> None:
     logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
 
 
+def share_of_samples(batches: list[torch.Tensor], rank: int, world: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s calibration batches: every ``world``-th batch from ``rank`` on, so each batch is computed
+    exactly as a single process computes it (float32 kernels may round a row differently in another batch); with
+    fewer batches than ranks, every ``world``-th sequence instead, in batches of the original size."""
+    if len(batches) >= world:
+        return batches[rank::world]
+    samples = sum(int(b.shape[0]) for b in batches)
+    if samples < world:
+        raise UsageError(f"{samples} calibration samples cannot be shared by {world} ranks: use at least one "
+                         "sample per rank (more --calib-samples or fewer processes).")
+    rows = torch.cat(batches)[rank::world]
+    return list(rows.split(int(batches[0].shape[0])))
+
+
 def collect_stats_distributed(model, batches: Sequence[torch.Tensor], progress: bool = True,
                               calibration: dict | None = None, group=None) -> ExpertStats:
     """:func:`mone_export.collect_stats` over the ranks of ``group`` (default: the whole world); every rank returns
@@ -59,11 +79,7 @@ def collect_stats_distributed(model, batches: Sequence[torch.Tensor], progress: 
     from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    batches = list(batches)
-    if len(batches) < world:
-        raise UsageError(f"{len(batches)} calibration batches cannot be shared by {world} ranks: use at least one "
-                         "batch per rank (more --calib-samples or fewer processes).")
-    mine = batches[rank::world]
+    mine = share_of_samples(list(batches), rank, world)
     collect = collect_stats_streamed if isinstance(model, LayerStreamedModel) else collect_stats
     local = collect(model, mine, progress=progress and rank == 0, calibration=dict(calibration or {}, tokens=sum(
         int(b.numel()) for b in mine)))

@@ -183,10 +183,11 @@ def export_model(
     from mone_export import __version__
     from mone_export.errors import ParityError
     from mone_export.export import MODEL_FILE, export_onnx, lower_bound_bytes, weight_bytes
+    from mone_export.distributed import is_primary
     from mone_export.loading import check_output_dir, load_model
     from mone_export.novices import apply_plan
     from mone_export.output_folder import output_folder
-    from mone_export.pipeline import calibrate_and_plan, check_pruning_options, preflight
+    from mone_export.pipeline import calibrate_and_plan, check_pruning_options, preflight, secondary_rank_report
     from mone_export.plan import PruningPlan
     from mone_export.report import write_report
     from mone_export.safe_output import RunScratch
@@ -233,6 +234,8 @@ def export_model(
         else:
             with run.stage("calibrate"):
                 plan, _ = calibrate_and_plan(loaded, tokenizer, ratio, method, scope, calib, progress)
+            if not is_primary():
+                return secondary_rank_report("export", plan)
         unpruned_bound = lower_bound_bytes(loaded, dtype)
         with RunScratch(folder) as scratch, contextlib.ExitStack() as writing:
             baseline = None

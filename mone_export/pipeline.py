@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from mone_export.calibration import MAX_CALIBRATION_TOKENS, calibration_batches, describe_source
+from mone_export.distributed import (collect_stats_distributed, init_from_environment, is_distributed_launch,
+                                     is_primary)
 from mone_export.errors import UsageError
 from mone_export.experts_plot import plot_experts
 from mone_export.loading import check_output_dir, load_model, preflight_model, resolve_model_path, save_pruned
@@ -102,8 +104,20 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
     batches = calibration_batches(calib.source, tokenizer, calib.samples, calib.seq_len, seed=calib.seed,
                                   batch_size=calib.batch_size, vocab_size=vocab)
     info = {**describe_source(calib.source), "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed}
-    stats = collect_stats(model, batches, progress=progress, calibration=info)
+    if is_distributed_launch():  # started by torchrun: this rank calibrates its share, all merge (distributed.py)
+        init_from_environment()
+        stats = collect_stats_distributed(model, list(batches), progress=progress, calibration=info)
+    else:
+        stats = collect_stats(model, batches, progress=progress, calibration=info)
     return plan_pruning(stats, ratio, method=method, scope=scope, seed=calib.seed), stats
+
+
+def secondary_rank_report(command: str, plan) -> dict:
+    """What a rank other than 0 of a distributed launch returns: it calibrated its share; rank 0 writes."""
+    import torch.distributed as dist
+
+    return {"command": command, "rank": dist.get_rank(), "world_size": dist.get_world_size(), **plan.summary(),
+            "output_written": False, "exit_code": 0}
 
 
 def prune(model: str, ratio: float, output: str, method: str = "mone", scope: str = "layer",
@@ -121,6 +135,8 @@ def prune(model: str, ratio: float, output: str, method: str = "mone", scope: st
     check_ratio_feasible(loaded, ratio, method, scope)
     before = parameter_bytes(loaded)
     plan, _ = calibrate_and_plan(loaded, tokenizer, ratio, method, scope, calib, progress)
+    if not is_primary():
+        return secondary_rank_report("prune", plan)
     apply_plan(loaded, plan)
     report = {
         "command": "prune",

@@ -106,17 +106,52 @@ def test_merging_is_chans_update_against_brute_force():
     np.testing.assert_allclose(a.reap_sum, union.reap_sum, rtol=1e-12)
 
 
-def test_fewer_batches_than_ranks_is_a_usage_error():
+def test_fewer_samples_than_ranks_is_a_usage_error_and_one_rank_is_a_plain_run():
     import torch.distributed as dist
 
-    from mone_export.distributed import collect_stats_distributed
+    from mone_export.distributed import collect_stats_distributed, share_of_samples
     from mone_export.errors import UsageError
 
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    with pytest.raises(UsageError, match="1 calibration samples cannot be shared by 2 ranks"):
+        share_of_samples([torch.zeros((1, 3), dtype=torch.long)], 0, 2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        with pytest.raises(UsageError, match="at least one batch per rank"):
-            collect_stats_distributed(tiny_model("mixtral"), [], progress=False)
-        assert collect_stats_distributed(tiny_model("mixtral"), tiny_batches(num=1), progress=False).num_tokens == 22
+        model = tiny_model("mixtral")
+        merged = collect_stats_distributed(model, tiny_batches(num=2), progress=False)
+        plain = collect_stats(model, tiny_batches(num=2), progress=False)
+        assert merged.num_tokens == plain.num_tokens == 44
+        np.testing.assert_array_equal(merged.layers[0].m2, plain.layers[0].m2)
     finally:
         dist.destroy_process_group()
+
+
+def test_ranks_share_whole_batches_or_else_every_world_th_sample():
+    from mone_export.distributed import share_of_samples
+
+    five = [torch.full((2, 3), i) for i in range(5)]
+    assert [[int(b[0, 0]) for b in share_of_samples(five, r, 2)] for r in range(2)] == [[0, 2, 4], [1, 3]]
+    batches = [torch.arange(8).view(4, 2) + 10 * i for i in range(2)]  # 8 samples of 2 tokens, 2 batches of 4
+    shares = [share_of_samples(batches, rank, 3) for rank in range(3)]
+    rows = [[row.tolist() for batch in share for row in batch] for share in shares]
+    all_rows = [row.tolist() for batch in batches for row in batch]
+    assert rows == [all_rows[r::3] for r in range(3)] and all(b.shape[0] <= 4 for s in shares for b in s)
+
+
+def test_torchrun_prune_writes_once_with_the_single_process_plan(tmp_path):
+    from mone_export import PruningPlan
+    from mone_export.cli import main
+
+    folder = tmp_path / "model"
+    tiny_model("qwen2_moe", seed=0).save_pretrained(folder)
+    args = ["prune", "--model", str(folder), "--ratio", "0.5", "--calib", "random", "--calib-samples", "8",
+            "--seq-len", "12", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", str(free_port()), "-m", "mone_export.cli", *args, "-o",
+                             str(tmp_path / "ranks")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ranks" / "report.json").read_text())
+    assert report["calibration"]["tokens"] == 8 * 12
+    assert PruningPlan.load(tmp_path / "ranks" / "plan").pruned == PruningPlan.load(tmp_path / "single" / "plan").pruned
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "ranks", "single"]  # rank 1 wrote nothing
