@@ -358,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"mone-export {command.name}"
     try:
         with _sigterm_unwinds():
-            report = command.run(args)
+            try:
+                report = command.run(args)
+            finally:
+                _leave_process_group()
     except UsageError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
@@ -394,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     elif not quiet:
         print(command.summary(report))
     return int(report.get("exit_code", 0))
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, all ranks leave together once rank 0 is done (mone_export.distributed.finish)."""
+    if "torch.distributed" in sys.modules:  # only a command that calibrated across ranks has a group
+        from mone_export.distributed import finish
+
+        finish()
 
 
 def _quiet_libraries(quiet: bool) -> None:

@@ -14,6 +14,7 @@ float64 rounding (about 1e-14 relative), and makes the same plan.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from typing import Sequence
@@ -23,10 +24,13 @@ import torch
 from mone_export.errors import UsageError
 from mone_export.stats import ExpertStats, collect_stats
 
-__all__ = ["collect_stats_distributed", "init_from_environment", "is_distributed_launch", "is_primary",
+__all__ = ["FINISH_TIMEOUT_HOURS", "collect_stats_distributed", "finish", "init_from_environment", "is_distributed_launch", "is_primary",
            "share_of_samples"]
 
 logger = logging.getLogger(__name__)
+
+FINISH_TIMEOUT_HOURS = 12
+"""How long a rank may wait for the others (rank 0 exports and validates alone) before the launch fails."""
 
 
 def is_distributed_launch() -> bool:
@@ -48,7 +52,8 @@ def init_from_environment(backend: str | None = None) -> None:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    # The other ranks wait in finish() while rank 0 exports and validates: allow that to take hours.
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=FINISH_TIMEOUT_HOURS))
     logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
 
 
@@ -64,6 +69,17 @@ def share_of_samples(batches: list[torch.Tensor], rank: int, world: int) -> list
                          "sample per rank (more --calib-samples or fewer processes).")
     rows = torch.cat(batches)[rank::world]
     return list(rows.split(int(batches[0].shape[0])))
+
+
+def finish() -> None:
+    """Leave the process group together: a rank that exits while its peers still hold their gloo connections
+    can abort in the transport's destructor (seen as ``terminate called without an active exception``). Every rank
+    waits for the others (rank 0 writing the output), then tears the group down. A no-op without a group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def collect_stats_distributed(model, batches: Sequence[torch.Tensor], progress: bool = True,

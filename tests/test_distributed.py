@@ -37,6 +37,7 @@ RANK_SCRIPT = textwrap.dedent('''
     with open(f"{out}.{dist.get_rank()}.json", "w") as handle:
         json.dump({"pruned": {str(k): v for k, v in plan.pruned.items()}, "layers": layers,
                    "tokens": stats.calibration["tokens"]}, handle)
+    dist.barrier()
     dist.destroy_process_group()
 ''')
 
