@@ -3,21 +3,21 @@
 Optimum-ONNX 0.1 needs ``transformers<4.58``, so two Pythons take part: this project's venv (transformers 5,
 onnxruntime-genai) and a second venv with Optimum::
 
-    python3 -m venv /work/optimum-venv
-    /work/optimum-venv/bin/pip install torch==2.13.0          # the CPU wheel first (as in the README)
-    /work/optimum-venv/bin/pip install 'optimum-onnx>=0.1,<0.2' 'transformers<4.58' onnxruntime==1.32.0
+    python3 -m venv /tmp/optimum-venv
+    /tmp/optimum-venv/bin/pip install torch==2.13.0          # the CPU wheel first (as in the README)
+    /tmp/optimum-venv/bin/pip install 'optimum-onnx>=0.1,<0.2' 'transformers<4.58' onnxruntime==1.32.0
 
     # this venv: export the bundled models (mone-export, with its parity check), run both clients, compare
     # (about 4 min on 2 busy cores, nearly all of it the exports; 10-15 s with --folders)
-    python benchmarks/optimum_client_check.py compare --optimum-python /work/optimum-venv/bin/python \\
+    python benchmarks/optimum_client_check.py compare --optimum-python /tmp/optimum-venv/bin/python \\
         --models mixtral qwen2_moe olmoe deepseek_v2 --dir /tmp/clients \\
         --json benchmarks/results/optimum_client_check.json
     # or on folders already written by mone-export:
-    python benchmarks/optimum_client_check.py compare --optimum-python /work/optimum-venv/bin/python \\
+    python benchmarks/optimum_client_check.py compare --optimum-python /tmp/optimum-venv/bin/python \\
         --folders out/ other_out/
 
     # the Optimum half alone (prints its JSON):
-    /work/optimum-venv/bin/python benchmarks/optimum_client_check.py optimum out/ --new-tokens 16
+    /tmp/optimum-venv/bin/python benchmarks/optimum_client_check.py optimum out/ --new-tokens 16
 
 ``compare`` writes per model: greedy tokens of ``ORTModelForCausalLM.generate`` and of onnxruntime-genai for every
 prompt (equal?, first differing position), the same with Optimum's IO binding, whether transformers 4.57 reads the
@@ -194,6 +194,20 @@ def _optimum_folder_or_error(folder: str, *args) -> dict:
 # --- the comparison (runs in this project's venv) ---------------------------------------------------------------------
 
 
+def genai_generate(model, tokenizer, prompt: str, new_tokens: int) -> tuple[list[int], list[int]]:
+    """One greedy onnxruntime-genai generation: the prompt's ids and the new tokens."""
+    import onnxruntime_genai as og
+
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return ids, [int(t) for t in generator.get_sequence(0)[len(ids):]]
+
+
 def genai_greedy(folder: str | Path, prompts: list[str], new_tokens: int) -> dict:
     """onnxruntime-genai's prompt ids and greedy tokens per prompt, with load and generation times."""
     import onnxruntime_genai as og
@@ -204,14 +218,7 @@ def genai_greedy(folder: str | Path, prompts: list[str], new_tokens: int) -> dic
     result = {"load_seconds": time.perf_counter() - start, "prompts": []}
     for prompt in [prompts[0], *prompts]:  # the first run is a warm-up, dropped below
         start = time.perf_counter()
-        ids = [int(t) for t in tokenizer.encode(prompt)]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        generated = [int(t) for t in generator.get_sequence(0)[len(ids):]]
+        ids, generated = genai_generate(model, tokenizer, prompt, new_tokens)
         result["prompts"].append({"input_ids": ids, "generated": generated, "seconds": time.perf_counter() - start})
     result["prompts"] = result["prompts"][1:]
     return result

@@ -25,8 +25,8 @@ from typing import Iterator
 
 from mone_export.errors import UsageError
 
-__all__ = ["WEIGHT_FILES", "check_checkpoint_files", "config_parameter_count", "load_pretrained_checked", "safetensors_header",
-           "weight_files"]
+__all__ = ["WEIGHT_FILES", "check_checkpoint_files", "config_parameter_count", "load_pretrained_checked",
+           "safetensors_header", "weight_files"]
 
 logger = logging.getLogger(__name__)
 

@@ -401,10 +401,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Under torchrun, all ranks leave together once rank 0 is done (mone_export.distributed.finish)."""
-    if "torch.distributed" in sys.modules:  # only a command that calibrated across ranks has a group
-        from mone_export.distributed import finish
+    from mone_export.distributed import finish
 
-        finish()
+    finish()  # a no-op unless this command calibrated across ranks
 
 
 def _quiet_libraries(quiet: bool) -> None:

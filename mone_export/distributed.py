@@ -6,7 +6,8 @@ Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...
     torchrun --nproc-per-node 2 my_calibration.py          # CPU: the gloo backend
     torchrun --nproc-per-node 8 my_calibration.py          # one GPU per rank: NCCL
 
-Rank ``r`` of ``W`` takes the calibration batches ``r, r + W, r + 2W, ...`` (:func:`share_of_samples`); after its local pass every rank gathers all ranks'
+Rank ``r`` of ``W`` takes the calibration batches ``r, r + W, r + 2W, ...`` (:func:`share_of_samples`); after
+its local pass every rank gathers all ranks'
 :class:`~mone_export.stats.ExpertStats` and merges them in rank order (counts and sums add, means and M2 combine
 by Chan et al.'s pairwise update), so every rank holds the same statistics, equal to a single-process run's to
 float64 rounding (about 1e-14 relative), and makes the same plan.
@@ -24,8 +25,8 @@ import torch
 from mone_export.errors import UsageError
 from mone_export.stats import ExpertStats, collect_stats
 
-__all__ = ["FINISH_TIMEOUT_HOURS", "collect_stats_distributed", "finish", "init_from_environment", "is_distributed_launch", "is_primary",
-           "share_of_samples"]
+__all__ = ["FINISH_TIMEOUT_HOURS", "collect_stats_distributed", "finish", "init_from_environment",
+           "is_distributed_launch", "is_primary", "share_of_samples"]
 
 logger = logging.getLogger(__name__)
 

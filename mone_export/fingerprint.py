@@ -24,8 +24,8 @@ from torch import nn
 
 from mone_export.adapters import MoeLayer, moe_layers_or_error
 
-__all__ = ["FINGERPRINT_SCHEME", "FingerprintBuilder", "SAMPLES_PER_EXPERT", "experts_dtype", "experts_fingerprint", "experts_fingerprints",
-           "layer_fingerprint_update", "matches"]
+__all__ = ["FINGERPRINT_SCHEME", "FingerprintBuilder", "SAMPLES_PER_EXPERT", "experts_dtype",
+           "experts_fingerprint", "experts_fingerprints", "layer_fingerprint_update", "matches"]
 
 FINGERPRINT_SCHEME = "mone-export/experts-fingerprint/v1"
 SAMPLES_PER_EXPERT = 256

@@ -22,7 +22,8 @@ from mone_export.errors import PlanMismatchError, UsageError
 __all__ = ["PruningPlan", "PLAN_VERSION", "PLAN_FILE", "NOVICES_FILE"]
 
 PLAN_VERSION = 2
-"""Version 2 adds ``model.experts_fingerprints`` (dtype → fingerprint) and ``model.experts_dtype``, and binds ``novices.safetensors`` to ``plan.json``; 1 still loads."""
+"""Version 2 adds ``model.experts_fingerprints`` (dtype → fingerprint) and ``model.experts_dtype``, and binds
+``novices.safetensors`` to ``plan.json``; 1 still loads."""
 READABLE_VERSIONS = (1, 2)
 PLAN_FILE = "plan.json"
 NOVICES_FILE = "novices.safetensors"

@@ -253,17 +253,7 @@ def _genai_greedy(folder: Path, prompts: list[str], new_tokens: int = NEW_TOKENS
 
     model = og.Model(str(folder))
     tokenizer = og.Tokenizer(model)
-    results = []
-    for prompt in prompts:
-        ids = [int(t) for t in tokenizer.encode(prompt)]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        results.append((ids, [int(t) for t in generator.get_sequence(0)[len(ids):]]))
-    return results
+    return [_check_script().genai_generate(model, tokenizer, prompt, new_tokens) for prompt in prompts]
 
 
 @needs_bundled
