@@ -64,6 +64,12 @@ __all__ = [
     "output_names",
     "export_onnx",
     "export_patches",
+    "example_inputs",
+    "dynamic_axes",
+    "eval_mode",
+    "model_dtype",
+    "process_traced_graph",
+    "trace_module_to_onnx",
     "weight_bytes",
     "lower_bound_bytes",
 ]
@@ -314,14 +320,15 @@ def export_patches(model: nn.Module) -> Iterator[nn.Module]:
 # --- export ---------------------------------------------------------------------------------------------------------
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (its weights' dtype)."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def _example_inputs(model: nn.Module, batch: int = 2, seq: int = 5, past: int = 3):
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 5, past: int = 3):
     """Trace inputs with distinct, non-1 batch / sequence / past lengths (nothing specialises on a coincidence)."""
     config = model.config
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(config.vocab_size), (batch, seq), generator=gen)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
@@ -333,7 +340,8 @@ def _example_inputs(model: nn.Module, batch: int = 2, seq: int = 5, past: int = 
     return ids, mask, positions, cache
 
 
-def _dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    """The symbolic batch / sequence / past / total dimensions of every input and output (Optimum's names)."""
     axes = {
         "input_ids": {0: BATCH, 1: SEQ},
         "attention_mask": {0: BATCH, 1: TOTAL},
@@ -350,7 +358,15 @@ def _dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
 def _trace_to_onnx(model: nn.Module, path: Path, opset: int) -> None:
     """TorchScript-trace ``DecoderWithCache(model)`` (patched) into ``path``."""
     num_layers = int(model.config.num_hidden_layers)
-    ids, mask, positions, cache = _example_inputs(model)
+    ids, mask, positions, cache = example_inputs(model)
+    trace_module_to_onnx(model, DecoderWithCache(model), (ids, mask, positions, cache), path, opset,
+                         input_names(num_layers), output_names(num_layers), dynamic_axes(num_layers))
+
+
+def trace_module_to_onnx(model: nn.Module, wrapper: nn.Module, args: tuple, path: Path, opset: int,
+                         input_names: list[str], output_names: list[str], dynamic_axes: dict) -> None:
+    """TorchScript-trace ``wrapper`` (a module around ``model``) into ``path``, with every export-time patch of
+    ``model`` applied (:func:`export_patches`) and softmax in the requested dtype."""
     with warnings.catch_warnings():
         # Expected noise: TracerWarnings on transformers' Python-side shape checks (they hold for every input the
         # graph serves), the TorchScript exporter's deprecation notice and its advanced-indexing remark.
@@ -360,12 +376,12 @@ def _trace_to_onnx(model: nn.Module, path: Path, opset: int) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         with torch.no_grad(), export_patches(model), _softmax_in_requested_dtype(opset):
             torch.onnx.export(
-                DecoderWithCache(model),
-                (ids, mask, positions, cache),
+                wrapper,
+                args,
                 str(path),
-                input_names=input_names(num_layers),
-                output_names=output_names(num_layers),
-                dynamic_axes=_dynamic_axes(num_layers),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 dynamo=False,
                 do_constant_folding=True,
@@ -385,7 +401,7 @@ def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]
     layouts: dict[str, tuple[tuple[int, ...], object]] = {}
     modules = dict(model.named_modules())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.is_meta:  # a layer-streamed model's unloaded layers
             continue
         shape = tuple(tensor.shape)
         # Transposed layouts first: the exporter folds Linear / expert weights into W.T.
@@ -403,7 +419,8 @@ def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode within the block; its training flag comes back after."""
     training = model.training
     model.eval()
     try:
@@ -419,6 +436,32 @@ def _run_graph_passes(model):
     except ImportError as exc:  # the passes live beside the package; a broken install should say so
         raise RuntimeError(f"graph_passes.prune_novices is not available ({exc}); reinstall mone-export.") from exc
     return prune_novices(model)
+
+
+def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], target: torch.dtype,
+                         run_passes: bool = True, log=logger.debug):
+    """What follows the trace: initializers named after the parameters they hold, the dispatch's routing weights
+    named ``routing_names`` (one per traced MoE layer), tied weights shared, the graph passes, and in a
+    half-precision export the float32 constants with exact half values stored narrow. Returns the model."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common  # noqa: F401  (IdentityEliminationPass)
+
+    # The exporter shares equal initializers through Identity nodes (e.g. the zero vectors of mone-zero
+    # novices), which hides that an operand is a constant: read the initializers directly.
+    ir.passes.common.IdentityEliminationPass()(ir_model)
+    name_initializers(ir_model, _named_layouts(source), prefix="model.")
+    name_values(dispatch_weight_values(ir_model), routing_names)
+    shared = share_transposed_initializers(ir_model)
+    if shared:
+        log("tied weights: %d MatMul(s) now read the untransposed initializer", shared)
+    if run_passes:
+        ir_model = _run_graph_passes(ir_model)
+    if target in (torch.float16, torch.bfloat16):
+        narrow = ir.DataType.FLOAT16 if target == torch.float16 else ir.DataType.BFLOAT16
+        stored = store_float32_as(ir_model, narrow)
+        if stored:
+            log("%d float32 constants with exact %s values stored as %s", stored, narrow.name, narrow.name)
+    return ir_model
 
 
 def export_onnx(
@@ -448,7 +491,6 @@ def export_onnx(
     :func:`mone_export.output_folder.write_output_folder`.
     """
     import onnx_ir as ir
-    import onnx_ir.passes.common  # noqa: F401  (IdentityEliminationPass)
 
     from mone_export import __version__
 
@@ -462,33 +504,19 @@ def export_onnx(
     log = logger.info if progress else logger.debug
 
     source = model
-    if _model_dtype(model) != target:
+    if model_dtype(model) != target:
         log("converting a copy of the model to %s for the export", target)
         source = copy.deepcopy(model).to(target)
 
     started = time.perf_counter()
-    with _eval_mode(source), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
+    with eval_mode(source), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / MODEL_FILE
         log("tracing %s (%d layers) to ONNX", type(model).__name__, model.config.num_hidden_layers)
         _trace_to_onnx(source, raw, opset)
         ir_model = ir.load(raw)
         log("traced in %.1f s: %d nodes, %.1f MB of weights", time.perf_counter() - started,
             len(ir_model.graph), initializer_bytes(ir_model) / 1e6)
-        # The exporter shares equal initializers through Identity nodes (e.g. the zero vectors of mone-zero
-        # novices), which hides that an operand is a constant: read the initializers directly.
-        ir.passes.common.IdentityEliminationPass()(ir_model)
-        name_initializers(ir_model, _named_layouts(source), prefix="model.")
-        name_values(dispatch_weight_values(ir_model), routing_weights_names(source))
-        shared = share_transposed_initializers(ir_model)
-        if shared:
-            log("tied weights: %d MatMul(s) now read the untransposed initializer", shared)
-        if run_passes:
-            ir_model = _run_graph_passes(ir_model)
-        if target in (torch.float16, torch.bfloat16):
-            narrow = ir.DataType.FLOAT16 if target == torch.float16 else ir.DataType.BFLOAT16
-            stored = store_float32_as(ir_model, narrow)
-            if stored:
-                log("%d float32 constants with exact %s values stored as %s", stored, narrow.name, narrow.name)
+        ir_model = process_traced_graph(ir_model, source, routing_weights_names(source), target, run_passes, log)
         finalize_model(ir_model, opset=opset, producer_version=__version__)
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mone_export.adapters import moe_layers_or_error
+from mone_export.adapters import get_adapter
 
 __all__ = ["accumulation_dtype", "canonical_dispatch", "expert_mlp", "export_friendly_moe", "export_forward_for"]
 
@@ -172,7 +172,7 @@ def export_friendly_moe(model: nn.Module) -> Iterator[nn.Module]:
     The swapped forward is an instance attribute shadowing the class forward; on exit (also after an exception)
     it is deleted, or the instance forward that was there before is put back.
     """
-    _, layers = moe_layers_or_error(model)
+    layers = get_adapter(model).moe_layers(model)  # none in a layer-streamed export's dense-layer piece
     patched: list[tuple[nn.Module, object]] = []
     try:
         for layer in layers:

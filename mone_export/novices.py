@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from mone_export.adapters import MoeAdapter, MoeLayer, expert_forward, moe_layer
 from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
 
-__all__ = ["NoviceExperts", "apply_plan", "dense_routing_weights"]
+__all__ = ["NoviceExperts", "apply_plan", "dense_routing_weights", "layer_pruned"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +126,38 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         model.config.mone_pruning = plan.summary()
     logger.info("applied plan: %s %s", plan.method, plan.summary()["pruned_per_layer"])
     return model
+
+
+@contextlib.contextmanager
+def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None) -> Iterator[MoeLayer]:
+    """Within the block, one loaded MoE layer is pruned as ``plan`` says; exactly what it was comes back on exit.
+
+    The layer-streamed export and validation prune one decoder layer at a time (the others are not in memory):
+    this is :func:`apply_plan` for one layer. It yields the layer as pruned (its experts module is a
+    :class:`NoviceExperts` for a novice plan). The original modules and tensors are put back on exit, so the
+    layer can be released and loaded again later. The plan must already have been checked against the model
+    (:meth:`PruningPlan.validate_for`).
+    """
+    pruned = [] if plan is None else plan.pruned.get(layer.index, [])
+    if not pruned:
+        yield layer
+        return
+    block, router, experts = layer.block, layer.router, layer.experts
+    saved_router = dict(router.__dict__)
+    saved_experts = dict(experts.__dict__)
+    saved_params = {module: dict(module._parameters) for module in (router, experts)}
+    try:
+        if plan.replacement == "remove":
+            _remove_experts(layer, pruned)
+        else:
+            _apply_novices(layer, adapter, pruned, plan.novices[layer.index])
+        experts_now = getattr(block, adapter.experts_attr)
+        yield MoeLayer(layer.index, block, router, experts_now)
+    finally:
+        setattr(block, adapter.experts_attr, experts)
+        for module, saved in ((router, saved_router), (experts, saved_experts)):
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        for module, params in saved_params.items():
+            module._parameters.clear()
+            module._parameters.update(params)

@@ -1,0 +1,616 @@
+"""ONNX export of a model larger than memory: one decoder layer traced at a time, the pieces stitched into one graph.
+
+:func:`export_onnx_streamed` writes the same decoder as :func:`mone_export.export.export_onnx` (the contract of
+docs/graph.md: inputs, outputs and their names, KV cache, novices as one bias per layer, no pruned weight) from a
+:class:`~mone_export.streaming.LayerStreamedModel`, with only one decoder layer's weights in memory.
+
+How, per decoder layer ``i``:
+
+1. load it from the checkpoint and prune it as the plan says (:func:`mone_export.novices.layer_pruned`);
+2. trace a *piece*: the model's own forward with every other decoder layer replaced by a pass-through, so the
+   graph is the prologue (embedding, attention mask, rotary embeddings), layer ``i`` and, for the first and last
+   piece, the epilogue (final norm, LM head). Layer ``i`` sits at its own index, so its node scopes, parameter
+   names, ``past_key_values.{i}`` / ``present.{i}`` names and cache slot are those of the whole-model export. A
+   piece after the first reads its hidden states from a graph input, a piece before the last returns its layer's
+   output;
+3. run on the piece exactly what the whole-model export runs after its trace (initializer naming, the graph
+   passes, half-precision storage: :func:`mone_export.export.process_traced_graph`);
+4. cut out the layer's nodes (the nodes in the layer's TorchScript scope, with the unscoped constants only they
+   read), append its weights to ``model.onnx.data`` and release the layer.
+
+The first piece also gives the prologue and the last piece the epilogue. A value the layer reads from the prologue
+(the mask, the rotary ``cos`` / ``sin``) is matched to the first piece's by its structure (the operators, attributes
+and constants that compute it from the graph inputs), not by a name that could differ between traces; a value
+that cannot be matched is an error, never a silent mis-wiring. The graph is then serialised with its weights
+already in place in the external data file, so nothing is copied twice and no piece outlives its layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from mone_export.errors import UsageError
+
+__all__ = ["export_onnx_streamed"]
+
+logger = logging.getLogger(__name__)
+
+HIDDEN_IN = "hidden_states_in"
+"""Graph input of a piece after the first: the previous decoder layer's output."""
+HIDDEN_OUT = "hidden_states_out"
+"""Graph output of a piece before the last: its decoder layer's output."""
+EXTERNAL_THRESHOLD_BYTES = 1024
+"""Initializers of at least this many bytes go to ``model.onnx.data`` (as :func:`mone_export.onnx_utils.save_model`)."""
+_SMALL_ELEMENTS = 1 << 16
+"""Initializers up to this many elements are matched by content, larger ones (weights) by name, shape and dtype."""
+
+
+class _PassThroughLayer(nn.Module):
+    """Stands in for a decoder layer that is not in the piece: returns its hidden states unchanged.
+
+    Plain attributes of the real layer (``attention_type``, ``layer_idx``) are copied, because some models' forwards
+    read them while iterating over their layers.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, key, value)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _only_layer(layers: nn.ModuleList, index: int) -> Iterator[None]:
+    """Within the block every decoder layer but ``index`` is a :class:`_PassThroughLayer`."""
+    originals = list(layers)
+    try:
+        for j, layer in enumerate(originals):
+            if j != index:
+                layers[j] = _PassThroughLayer(layer)
+        yield
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+
+
+class _LayerPiece(nn.Module):
+    """The traced function of one piece: ``(input_ids, attention_mask, position_ids, past.{i}.key, past.{i}.value
+    [, hidden_in]) -> ([logits,] present.{i}.key, present.{i}.value [, hidden_out])``.
+
+    The model runs its own forward (mask, rotary embeddings, ...) on a cache whose every slot holds layer ``i``'s
+    past, so that layer ``i`` reads its own and the past length the mask needs is the same; the decoder layers
+    other than ``i`` are pass-throughs (:func:`_only_layer`).
+    """
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, index: int, hidden_in: bool, hidden_out: bool,
+                 logits: bool):
+        super().__init__()
+        from mone_export.export import cache_shapes
+
+        self.model = model
+        self.index = index
+        self.spec = cache_shapes(model.config)[index]
+        self.num_layers = len(layers)
+        self.flags = (hidden_in, hidden_out, logits)
+        self._layer = [layers[index]]  # a list: not a submodule, its scope stays the model's own
+
+    def forward(self, input_ids, attention_mask, position_ids, key, value, hidden_in=None):
+        from transformers import DynamicCache
+
+        from mone_export.export import pack_mla, unpack_mla
+
+        wants_hidden_in, wants_hidden_out, wants_logits = self.flags
+        past = unpack_mla(key, value, *self.spec.mla) if self.spec.mla else (key, value)
+        cache = DynamicCache(ddp_cache_data=[past] * self.num_layers)
+        captured = {}
+
+        def replace_input(module, args, kwargs):
+            if args:
+                return (hidden_in, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden_in}
+
+        def keep_output(module, args, kwargs, output):
+            # The rest of the forward gets an alias: the tracer maps a tensor to the last value computed "into" it,
+            # and a no-op ``.to(float32)`` in the final norm would otherwise become the layer's output.
+            if isinstance(output, (tuple, list)):
+                captured["hidden"] = output[0]
+                return (output[0].detach(), *output[1:])
+            captured["hidden"] = output
+            return output.detach()
+
+        layer = self._layer[0]
+        handles = [layer.register_forward_hook(keep_output, with_kwargs=True)] if wants_hidden_out else []
+        if wants_hidden_in:
+            handles.append(layer.register_forward_pre_hook(replace_input, with_kwargs=True))
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True, return_dict=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        slot = out.cache.layers[self.index]
+        present = list(pack_mla(slot.keys, slot.values) if self.spec.mla else (slot.keys, slot.values))
+        outputs = ([out.logits] if wants_logits else []) + present
+        if wants_hidden_out:
+            outputs.append(captured["hidden"])
+        return tuple(outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PieceNames:
+    inputs: list[str]
+    outputs: list[str]
+    axes: dict[str, dict[int, str]]
+
+
+def _piece_names(index: int, hidden_in: bool, hidden_out: bool, logits: bool) -> _PieceNames:
+    from mone_export.export import BATCH, SEQ, dynamic_axes
+
+    kinds = ("key", "value")
+    inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{index}.{k}" for k in kinds)]
+    outputs = ["logits"] if logits else []
+    outputs += [f"present.{index}.{k}" for k in kinds]
+    every = dynamic_axes(index + 1)
+    axes = {name: every[name] for name in [*inputs, *outputs]}
+    if hidden_in:
+        inputs.append(HIDDEN_IN)
+        axes[HIDDEN_IN] = {0: BATCH, 1: SEQ}
+    if hidden_out:
+        outputs.append(HIDDEN_OUT)
+        axes[HIDDEN_OUT] = {0: BATCH, 1: SEQ}
+    return _PieceNames(inputs, outputs, axes)
+
+
+def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Path, opset: int) -> None:
+    """Trace piece ``index`` (module docstring) of the loaded, pruned ``model`` into ``path``."""
+    from mone_export.export import example_inputs, model_dtype, trace_module_to_onnx
+
+    last = index == len(layers) - 1
+    hidden_in, hidden_out, logits = index > 0, not last, index == 0 or last
+    ids, mask, positions, cache = example_inputs(model)
+    args = [ids, mask, positions, cache[2 * index], cache[2 * index + 1]]
+    if hidden_in:
+        gen = torch.Generator().manual_seed(index)
+        args.append(torch.randn(*ids.shape, int(model.config.hidden_size), generator=gen).to(model_dtype(model)))
+    names = _piece_names(index, hidden_in, hidden_out, logits)
+    with _only_layer(layers, index):
+        wrapper = _LayerPiece(model, layers, index, hidden_in, hidden_out, logits)
+        trace_module_to_onnx(model, wrapper, tuple(args), path, opset, names.inputs, names.outputs, names.axes)
+
+
+# --- structure of values, to match a piece's prologue values with the first piece's -----------------------------
+
+
+def _tensor_digest(tensor) -> bytes:
+    return hashlib.blake2b(tensor.tobytes(), digest_size=16).digest()
+
+
+def _initializer_key(value) -> tuple:
+    tensor = value.const_value
+    shape = tuple(int(d) for d in tensor.shape.numpy())
+    if tensor.size <= _SMALL_ELEMENTS:
+        return ("constant", int(tensor.dtype), shape, _tensor_digest(tensor))
+    return ("weight", value.name, int(tensor.dtype), shape)
+
+
+def _attribute_key(attr) -> tuple:
+    import onnx_ir as ir
+
+    if attr.type == ir.AttributeType.TENSOR:
+        return (attr.name, "tensor", _initializer_key(ir.Value(name="", const_value=attr.value)))
+    if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+        raise _Unmatched(f"attribute {attr.name} holds a subgraph")
+    value = attr.value
+    return (attr.name, int(attr.type), tuple(value) if isinstance(value, (list, tuple)) else value)
+
+
+_PAST = re.compile(r"^past_key_values\.\d+\.")
+
+
+class _Unmatched(Exception):
+    """A value of a piece that has no counterpart in the stitched graph."""
+
+
+def _digest(*parts) -> bytes:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+class _Structure:
+    """Structural digests of a graph's values: equal digests compute the same tensor from the graph inputs.
+
+    A graph input is known by its name, an initializer by its content (small) or name (weights), a node output by
+    its operator, attributes, the digests of its inputs and its output index. What a ``Shape`` reads is known up
+    to which layer's past it comes from: every piece's prologue takes the past length from its own layer's
+    cache, and all layers' caches have the same shape (so the mask the first piece computes from layer 0's past
+    is the mask every layer reads). Any other use of a past tensor stays exact: layer ``i`` never reads layer
+    0's cache values.
+    """
+
+    def __init__(self):
+        self._digests: dict[int, tuple[bytes, bytes]] = {}  # id(value) -> (exact, past-insensitive)
+
+    def key(self, value) -> bytes:
+        """The exact structural digest of ``value``."""
+        return self._pair(value)[0]
+
+    def _pair(self, value) -> tuple[bytes, bytes]:
+        stack = [value]
+        while stack:
+            current = stack[-1]
+            if id(current) in self._digests:
+                stack.pop()
+                continue
+            node = current.producer()
+            if node is None:
+                self._digests[id(current)] = self._leaf(current)
+                stack.pop()
+                continue
+            pending = [v for v in node.inputs if v is not None and id(v) not in self._digests]
+            if pending:
+                stack.extend(pending)
+                continue
+            attrs = tuple(sorted(_attribute_key(a) for a in node.attributes.values()))
+            pairs = [(None, None) if v is None else self._digests[id(v)] for v in node.inputs]
+            loose = tuple(p[1] for p in pairs)
+            exact = loose if node.op_type == "Shape" else tuple(p[0] for p in pairs)
+            head = (node.domain, node.op_type, node.overload, attrs)
+            for index, output in enumerate(node.outputs):
+                self._digests[id(output)] = (_digest(head, exact, index), _digest(head, loose, index))
+            stack.pop()
+        return self._digests[id(value)]
+
+    @staticmethod
+    def _leaf(value) -> tuple[bytes, bytes]:
+        if value.const_value is not None:
+            key = _digest(_initializer_key(value))
+            return key, key
+        if value.is_graph_input():
+            return _digest("input", value.name), _digest("input", _PAST.sub("past_key_values.*.", value.name))
+        raise _Unmatched(f"{value.name} has no producer and is not a graph input")
+
+
+# --- cutting pieces ---------------------------------------------------------------------------------------------
+
+
+def _layer_scope(model: nn.Module, layers: nn.ModuleList, index: int) -> str:
+    """The TorchScript scope of decoder layer ``index`` in a trace of a wrapper holding ``model`` as ``.model``:
+    ``/model/model/layers.3/``."""
+    path = next(name for name, module in model.named_modules() if module is layers)
+    return "/model/" + path.replace(".", "/") + f".{index}/"
+
+
+def _close_over_exclusive_producers(nodes: list, members: set) -> None:
+    """Add to ``members`` every node that is unscoped (a folded constant, a pass's new node) or has no inputs (a
+    ``Constant``) and whose outputs only ``members`` read, until nothing changes."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(nodes):
+            if node in members or ((node.name or "").startswith("/") and any(v is not None for v in node.inputs)):
+                continue
+            users = [user for output in node.outputs for user, _ in output.uses()]
+            if users and not any(output.is_graph_output() for output in node.outputs) and all(
+                    user in members for user in users):
+                members.add(node)
+                changed = True
+
+
+def _downstream(nodes: list, sources: set) -> set:
+    """Nodes reading, directly or not, an output of ``sources`` (not ``sources`` themselves)."""
+    reached: set = set()
+    frontier = set(sources)
+    for node in nodes:  # topological order
+        if node in frontier:
+            continue
+        if any(value is not None and value.producer() in frontier for value in node.inputs):
+            frontier.add(node)
+            reached.add(node)
+    return reached
+
+
+@dataclasses.dataclass
+class _Cut:
+    layer: list
+    epilogue: list
+    prologue: list
+
+
+_ROOT_SCOPE = re.compile(r"^/[^/]+$")
+
+
+def _cut_piece(graph, scope: str, with_epilogue: bool) -> _Cut:
+    """Split a piece's nodes into its layer's, the epilogue's (downstream of the layer) and the prologue's."""
+    nodes = list(graph)
+    # The wrapper's own nodes (scope "/" only) pack and unpack this layer's cache (DeepSeek-V2's MLA).
+    scoped = {node for node in nodes if (node.name or "").startswith(scope)}
+    if not scoped:
+        raise RuntimeError(f"no node of the piece is in the decoder layer's scope {scope!r}")
+    layer = scoped | {node for node in nodes if _ROOT_SCOPE.match(node.name or "")}
+    _close_over_exclusive_producers(nodes, layer)
+    epilogue: set = set()
+    if with_epilogue:
+        # Downstream of the layer proper: the prologue may read the unpacked cache (its past length), not this.
+        epilogue = _downstream(nodes, scoped) - layer
+        _close_over_exclusive_producers(nodes, epilogue)
+    return _Cut([n for n in nodes if n in layer], [n for n in nodes if n in epilogue],
+                [n for n in nodes if n not in layer and n not in epilogue])
+
+
+# --- the stitched graph -------------------------------------------------------------------------------------------
+
+
+class _ExternalData:
+    """``model.onnx.data`` written as the pieces come: each large initializer appended, densely, in order."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder, self.name = folder, name
+        self.file = open(folder / name, "wb")
+        self.offset = 0
+
+    def store(self, value) -> None:
+        """Write ``value``'s tensor to the file and make the value read it from there."""
+        import onnx_ir as ir
+
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) and tensor.location == self.name:
+            return
+        if tensor.nbytes < EXTERNAL_THRESHOLD_BYTES:
+            return
+        data = tensor.tobytes()
+        self.file.write(data)
+        self.file.flush()  # the tensor may be read back (compared by content) before the file is closed
+        value.const_value = ir.ExternalTensor(self.name, self.offset, len(data), tensor.dtype, shape=tensor.shape,
+                                              name=value.name, base_dir=str(self.folder))
+        self.offset += len(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Stitcher:
+    """Accumulates the stitched graph: graph inputs, prologue, decoder layers in order, epilogue."""
+
+    def __init__(self, data: _ExternalData):
+        self.data = data
+        self.inputs: dict[str, object] = {}
+        self.outputs: dict[str, object] = {}
+        self.nodes: list = []
+        self.initializers: dict[str, object] = {}
+        self.prologue_values: dict[tuple, object] = {}
+        self.hidden = None  # the last added layer's output
+        self.opset_imports: dict[str, int] = {}
+        self._piece_outputs: list = []
+        self._moved: set = set()
+        self._node_names: set = set()
+        self._value_names: set = set()
+
+    def add_piece(self, graph, cut: _Cut, index: int, first: bool) -> None:
+        """Move a piece's layer (and, for the first, its prologue; for one with an epilogue, that) in."""
+        self.opset_imports.update(graph.opset_imports)
+        structure = _Structure()
+        self._piece_outputs = list(graph.outputs)
+        self._moved = set()
+        graph.outputs.clear()
+        if first:
+            for value in graph.inputs:
+                if value.name != HIDDEN_IN:
+                    self.inputs[value.name] = value
+            self._move(graph, cut.prologue, structure, index, first=True)
+            for node in cut.prologue:
+                for output in node.outputs:
+                    self.prologue_values.setdefault(structure.key(output), output)
+            for value in graph.inputs:
+                self.prologue_values.setdefault(structure.key(value), value)
+        self._move(graph, cut.layer, structure, index, first)
+        if cut.epilogue:
+            self._move(graph, cut.epilogue, structure, index, first)
+        graph.inputs.clear()
+
+    def _move(self, graph, nodes: list, structure: _Structure, index: int, first: bool) -> None:
+        members = set(nodes)
+        self._moved |= members
+        for node in nodes:
+            for position, value in enumerate(node.inputs):
+                if value is None:
+                    continue
+                producer = value.producer()
+                if producer is not None and producer in self._moved:  # this piece's, already in place
+                    continue
+                replacement = self._resolve(value, structure, first)
+                if replacement is not value:
+                    node.replace_input_with(position, replacement)
+        for output_value in self._piece_outputs:
+            producer = output_value.producer()
+            if producer is None or producer not in members:
+                continue
+            if output_value.name == HIDDEN_OUT:
+                output_value.name = f"{producer.name}_output_{output_value.index()}"
+                self.hidden = output_value
+            else:
+                self.outputs[output_value.name] = output_value
+        graph.remove(nodes)
+        for node in nodes:
+            node.name = self._unique(node.name or node.op_type, self._node_names)
+            for output in node.outputs:
+                if output.name is not None and not output.is_graph_output():
+                    output.name = self._unique(output.name, self._value_names)
+        self.nodes.extend(nodes)
+
+    @staticmethod
+    def _unique(name: str, taken: set) -> str:
+        """``name``, or ``name.1``, ``name.2``, ... when another piece's unscoped counter already gave it."""
+        candidate, k = name, 0
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}.{k}"
+        taken.add(candidate)
+        return candidate
+
+    def _resolve(self, value, structure: _Structure, first: bool):
+        """The stitched graph's counterpart of a value a moved node reads from outside its own part."""
+        if value.is_initializer():
+            return self._adopt_initializer(value)
+        if value.is_graph_input():
+            if value.name == HIDDEN_IN:
+                if self.hidden is None:
+                    raise RuntimeError("a piece reads the previous layer's output before any layer was stitched")
+                return self.hidden
+            if value.name in self.inputs:
+                return self.inputs[value.name]
+            self.inputs[value.name] = value  # this layer's past_key_values.{i}
+            return value
+        if first:
+            return value
+        try:
+            match = self.prologue_values.get(structure.key(value))
+        except _Unmatched as exc:
+            raise RuntimeError(f"the stitched export cannot place {value.name}: {exc}") from exc
+        if match is None:
+            raise RuntimeError(f"{value.name}, which a decoder layer reads from the model's prologue, is not "
+                               "computed by the first piece's prologue; export this model in memory.")
+        return match
+
+    def _adopt_initializer(self, value):
+        graph = value.graph
+        name = value.name
+        existing = self.initializers.get(name)
+        if existing is not None:
+            if existing is value or _initializer_key(existing) == _initializer_key(value):
+                return existing
+            suffix = 1
+            while f"{name}.{suffix}" in self.initializers:
+                suffix += 1
+            name = f"{name}.{suffix}"
+        graph.initializers.pop(value.name)
+        value.name = name
+        if value.const_value is not None and value.const_value.name != name:
+            value.const_value.name = name
+        self.data.store(value)
+        self.initializers[name] = value
+        return value
+
+    def model(self, names: list[str], outputs: list[str], opset: int, producer_version: str):
+        """The stitched :class:`onnx_ir.Model` with inputs and outputs in the contract's order."""
+        import onnx_ir as ir
+        import onnx_ir.passes.common as common_passes
+
+        from mone_export.onnx_utils import finalize_model
+
+        missing = [n for n in [*names, *outputs] if n not in self.inputs and n not in self.outputs]
+        if missing:
+            raise RuntimeError(f"the stitched export lacks {missing[:4]}")
+        graph = ir.Graph([self.inputs[n] for n in names], [self.outputs[n] for n in outputs], nodes=self.nodes,
+                         initializers=list(self.initializers.values()), opset_imports=dict(self.opset_imports),
+                         name="main_graph")
+        graph.sort()  # a prologue value may read a layer's (the MLA cache's unpacked past length)
+        model = ir.Model(graph, ir_version=10)
+        # Prologue nodes only the first piece's epilogue read, and the pieces' copies of equal small constants.
+        # Neither pass reads a weight (the deduplication compares initializers up to 1024 elements).
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.DeduplicateInitializersPass(size_limit=1024)(model)
+        return finalize_model(model, opset=opset, producer_version=producer_version)
+
+
+# --- the export -----------------------------------------------------------------------------------------------
+
+
+def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opset: int | None = None,
+                         progress: bool = True) -> Path:
+    """Export a layer-streamed model, pruned as ``plan`` says (or unpruned), and return the ``.onnx`` path.
+
+    Args:
+        streamed: a :class:`~mone_export.streaming.LayerStreamedModel` loaded in the export dtype (``fp32``,
+            ``fp16`` or ``bf16``: the dtype of the graph).
+        output: a ``.onnx`` file path, or a folder that receives ``model.onnx``; ``model.onnx.data`` beside it
+            holds every weight (the streamed export always writes external data).
+        plan: a :class:`~mone_export.plan.PruningPlan` for this model, or None for the unpruned export.
+        opset: default-domain opset (default :data:`mone_export.export.DEFAULT_OPSET`).
+        progress: a bar per decoder layer on a terminal, log lines otherwise.
+
+    The graph computes what :func:`mone_export.export.export_onnx` of the same model, pruned in memory, computes,
+    with the same inputs, outputs and initializer names; only one decoder layer's weights are in memory at a time.
+    """
+    import onnx
+    import onnx_ir as ir
+
+    from mone_export import __version__
+    from mone_export.export import (DEFAULT_OPSET, MODEL_FILE, eval_mode, input_names, output_names,
+                                    process_traced_graph)
+    from mone_export.novices import layer_pruned
+    from mone_export.onnx_utils import DATA_SUFFIX
+    from mone_export.progress import progress_bar
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    if opset < 16:
+        raise UsageError(f"opset {opset} is too old: ScatterND with reduction='add' needs opset 16 or newer.")
+    model, adapter = streamed.model, streamed.adapter
+    if plan is not None:
+        plan.validate_for(model, check_weights=False)
+    output = Path(output)
+    path = output if output.suffix == ".onnx" else output / MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = streamed.decoder_layers
+    num_layers = len(layers)
+    moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
+    log = logger.info if progress else logger.debug
+    started = time.perf_counter()
+    data_name = path.name + DATA_SUFFIX
+    for stale in (path, path.with_name(data_name)):
+        stale.unlink(missing_ok=True)
+    data = _ExternalData(path.parent, data_name)
+    stitcher = _Stitcher(data)
+    try:
+        with eval_mode(model), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
+            for index in progress_bar(range(num_layers), desc="exporting (by layer)", unit="layer", enabled=progress):
+                with streamed.loaded_layer(index), contextlib.ExitStack() as stack:
+                    routing = []
+                    if index in moe_by_index:
+                        stack.enter_context(layer_pruned(adapter, moe_by_index[index], plan))
+                        routing = [f"model.layers.{index}.{adapter.block_attr}.routing_weights"]
+                    raw = Path(tmp) / f"piece{index}" / MODEL_FILE
+                    raw.parent.mkdir()
+                    _trace_piece(model, layers, index, raw, opset)
+                    piece = ir.load(raw)
+                    with _only_layer(layers, index):
+                        piece = process_traced_graph(piece, model, routing, streamed.dtype)
+                scope = _layer_scope(model, layers, index)
+                last = index == num_layers - 1
+                cut = _cut_piece(piece.graph, scope, with_epilogue=index == 0 or last)
+                if index == 0 and not last:
+                    cut = _Cut(cut.layer, [], cut.prologue)  # its epilogue is the last piece's
+                stitcher.add_piece(piece.graph, cut, index, first=index == 0)
+                del piece
+                _remove_tree(raw.parent)
+                log("layer %d/%d exported (%.1f s)", index + 1, num_layers, time.perf_counter() - started)
+        stitched = stitcher.model(input_names(num_layers), output_names(num_layers), opset, __version__)
+        data.close()
+        onnx.save(ir.serde.serialize_model(stitched), str(path))
+    except BaseException:
+        data.close()
+        for partial in (path, path.with_name(data_name)):
+            partial.unlink(missing_ok=True)
+        raise
+    log("wrote %s (%.1f MB of weights) in %.1f s", path, data.offset / 1e6, time.perf_counter() - started)
+    return path
+
+
+def _remove_tree(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
