@@ -464,6 +464,8 @@ class _Stitcher:
 
     def _resolve(self, value, structure: _Structure, first: bool):
         """The stitched graph's counterpart of a value a moved node reads from outside its own part."""
+        if self.initializers.get(value.name) is value:  # adopted for an earlier reader
+            return value
         if value.is_initializer():
             return self._adopt_initializer(value)
         if value.is_graph_input():
