@@ -26,19 +26,9 @@ SHAPE = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, moe_inter
 ROPE_THETA = 1000000.0
 
 
-def prepare(folder: Path, ratio: float) -> None:
-    """Seeded Qwen3-MoE in transformers 5.x, its 4.x checkpoint, and our unpruned and MoNE-pruned exports."""
-    import torch
-    import transformers
+def write_transformers4_checkpoint(model, shape: dict, folder: Path) -> None:
+    """The transformers 4.x form of a 5.x Qwen3-MoE (one module per expert), which Optimum-ONNX loads."""
     from safetensors.torch import save_file
-
-    from mone_export import apply_plan, calibration_batches, collect_stats, plan_pruning
-    from mone_export.export import export_onnx
-
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(**SHAPE, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(folder / "hf5")
 
     state = {}
     for key, value in model.state_dict().items():
@@ -54,13 +44,28 @@ def prepare(folder: Path, ratio: float) -> None:
                 state[f"{prefix}{e}.down_proj.weight"] = value[e].contiguous()
         else:
             state[key] = value.contiguous()
-    (folder / "hf4").mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "hf4" / "model.safetensors"), metadata={"format": "pt"})
-    config4 = {**SHAPE, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "rope_theta": ROPE_THETA,
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config4 = {**shape, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "rope_theta": ROPE_THETA,
                "decoder_sparse_step": 1, "mlp_only_layers": [], "torch_dtype": "float32", "hidden_act": "silu",
                "use_cache": True, "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2}
-    (folder / "hf4" / "config.json").write_text(json.dumps(config4, indent=1))
+    (folder / "config.json").write_text(json.dumps(config4, indent=1))
 
+
+def prepare(folder: Path, ratio: float) -> None:
+    """Seeded Qwen3-MoE in transformers 5.x, its 4.x checkpoint, and our unpruned and MoNE-pruned exports."""
+    import torch
+    import transformers
+
+    from mone_export import apply_plan, calibration_batches, collect_stats, plan_pruning
+    from mone_export.export import export_onnx
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**SHAPE, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder / "hf5")
+
+    write_transformers4_checkpoint(model, SHAPE, folder / "hf4")
     export_onnx(model, folder / "mone-0", progress=False)
     batches = calibration_batches("random", None, 16, 128, seed=0, vocab_size=SHAPE["vocab_size"])
     apply_plan(model, plan_pruning(collect_stats(model, batches, progress=False), ratio))

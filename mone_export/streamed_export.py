@@ -177,8 +177,8 @@ def _piece_names(index: int, hidden_in: bool, hidden_out: bool, logits: bool) ->
     return _PieceNames(inputs, outputs, axes)
 
 
-def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Path, opset: int) -> None:
-    """Trace piece ``index`` (module docstring) of the loaded, pruned ``model`` into ``path``."""
+def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opset: int) -> None:
+    """Trace piece ``index`` (module docstring) of the loaded, pruned ``model`` into ``path`` (or a BytesIO)."""
     from mone_export.export import example_inputs, model_dtype, trace_module_to_onnx
 
     last = index == len(layers) - 1
@@ -356,7 +356,11 @@ def _cut_piece(graph, scope: str, with_epilogue: bool) -> _Cut:
 
 
 class _ExternalData:
-    """``model.onnx.data`` written as the pieces come: each large initializer appended, densely, in order."""
+    """``model.onnx.data`` written as the pieces come: each large initializer appended, densely, in order.
+
+    A value points at the file as soon as its bytes are written; nothing reads them back before :meth:`close`
+    (digests and content keys are taken while the tensors are still in memory).
+    """
 
     def __init__(self, folder: Path, name: str):
         self.folder, self.name = folder, name
@@ -374,13 +378,14 @@ class _ExternalData:
             return
         data = tensor.tobytes()
         self.file.write(data)
-        self.file.flush()  # the tensor may be read back (compared by content) before the file is closed
         value.const_value = ir.ExternalTensor(self.name, self.offset, len(data), tensor.dtype, shape=tensor.shape,
                                               name=value.name, base_dir=str(self.folder))
         self.offset += len(data)
 
     def close(self) -> None:
-        self.file.close()
+        """Flush and close the file."""
+        if not self.file.closed:
+            self.file.close()
 
 
 class _Stitcher:
@@ -398,6 +403,7 @@ class _Stitcher:
         self._piece_outputs: list = []
         self._moved: set = set()
         self._node_names: set = set()
+        self._initializer_keys: dict[str, tuple] = {}
         self._value_names: set = set()
 
     def add_piece(self, graph, cut: _Cut, index: int, first: bool) -> None:
@@ -407,16 +413,20 @@ class _Stitcher:
         self._piece_outputs = list(graph.outputs)
         self._moved = set()
         graph.outputs.clear()
+        # Every prologue value's digest now, while each initializer it reads is still in memory (an adopted one
+        # is queued for the data file and not read back).
+        prologue_keys = {id(v): structure.key(v) for node in cut.prologue for v in node.outputs}
+        prologue_keys.update({id(v): structure.key(v) for v in graph.inputs})
         if first:
             for value in graph.inputs:
                 if value.name != HIDDEN_IN:
                     self.inputs[value.name] = value
-            self._move(graph, cut.prologue, structure, index, first=True)
             for node in cut.prologue:
                 for output in node.outputs:
-                    self.prologue_values.setdefault(structure.key(output), output)
+                    self.prologue_values.setdefault(prologue_keys[id(output)], output)
             for value in graph.inputs:
-                self.prologue_values.setdefault(structure.key(value), value)
+                self.prologue_values.setdefault(prologue_keys[id(value)], value)
+            self._move(graph, cut.prologue, structure, index, first=True)
         self._move(graph, cut.layer, structure, index, first)
         if cut.epilogue:
             self._move(graph, cut.epilogue, structure, index, first)
@@ -492,8 +502,9 @@ class _Stitcher:
         graph = value.graph
         name = value.name
         existing = self.initializers.get(name)
+        key = _initializer_key(value)
         if existing is not None:
-            if existing is value or _initializer_key(existing) == _initializer_key(value):
+            if existing is value or self._initializer_keys[name] == key:
                 return existing
             suffix = 1
             while f"{name}.{suffix}" in self.initializers:
@@ -503,6 +514,7 @@ class _Stitcher:
         value.name = name
         if value.const_value is not None and value.const_value.name != name:
             value.const_value.name = name
+        self._initializer_keys[name] = key
         self.data.store(value)
         self.initializers[name] = value
         return value
@@ -587,8 +599,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                         routing = [f"model.layers.{index}.{adapter.block_attr}.routing_weights"]
                     raw = Path(tmp) / f"piece{index}" / MODEL_FILE
                     raw.parent.mkdir()
-                    _trace_piece(model, layers, index, raw, opset)
-                    piece = ir.load(raw)
+                    piece = _traced_piece(model, layers, index, raw, opset)
                     with _only_layer(layers, index):
                         piece = process_traced_graph(piece, model, routing, streamed.dtype)
                 scope = _layer_scope(model, layers, index)
@@ -600,16 +611,40 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                 del piece
                 _remove_tree(raw.parent)
                 log("layer %d/%d exported (%.1f s)", index + 1, num_layers, time.perf_counter() - started)
-        stitched = stitcher.model(input_names(num_layers), output_names(num_layers), opset, __version__)
         data.close()
+        stitched = stitcher.model(input_names(num_layers), output_names(num_layers), opset, __version__)
         onnx.save(ir.serde.serialize_model(stitched), str(path))
     except BaseException:
-        data.close()
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            data.close()
         for partial in (path, path.with_name(data_name)):
             partial.unlink(missing_ok=True)
         raise
     log("wrote %s (%.1f MB of weights) in %.1f s", path, data.offset / 1e6, time.perf_counter() - started)
     return path
+
+
+_IN_MEMORY_PIECE_BYTES = 1536 * 1024**2
+"""A piece whose weights are under this is traced into memory, larger ones into a file (a protobuf is < 2 GiB)."""
+
+
+def _traced_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Path, opset: int):
+    """Piece ``index`` traced and read back as an ``onnx_ir`` model: through memory when it is small enough (no
+    write and read of a temporary file), else through ``path`` (with external data beside it)."""
+    import io
+
+    import onnx
+    import onnx_ir as ir
+
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
+    if resident >= _IN_MEMORY_PIECE_BYTES:
+        _trace_piece(model, layers, index, path, opset)
+        return ir.load(path)
+    buffer = io.BytesIO()
+    _trace_piece(model, layers, index, buffer, opset)
+    proto = onnx.load_from_string(buffer.getvalue())
+    del buffer
+    return ir.from_proto(proto)
 
 
 def _remove_tree(folder: Path) -> None:
