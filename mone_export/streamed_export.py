@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -430,6 +431,11 @@ class _Stitcher:
         self._move(graph, cut.layer, structure, index, first)
         if cut.epilogue:
             self._move(graph, cut.epilogue, structure, index, first)
+        # What stays behind must not be reachable from the stitched graph: a graph input it read (``past.{i}``)
+        # would keep its nodes, their initializers and so the whole piece's protobuf alive.
+        for node in list(graph):
+            for position in range(len(node.inputs)):
+                node.replace_input_with(position, None)
         graph.inputs.clear()
 
     def _move(self, graph, nodes: list, structure: _Structure, index: int, first: bool) -> None:
@@ -456,6 +462,7 @@ class _Stitcher:
                 self.outputs[output_value.name] = output_value
         graph.remove(nodes)
         for node in nodes:
+            _own_tensors(node)
             node.name = self._unique(node.name or node.op_type, self._node_names)
             for output in node.outputs:
                 if output.name is not None and not output.is_graph_output():
@@ -499,6 +506,8 @@ class _Stitcher:
         return match
 
     def _adopt_initializer(self, value):
+        import onnx_ir as ir
+
         graph = value.graph
         name = value.name
         existing = self.initializers.get(name)
@@ -516,6 +525,8 @@ class _Stitcher:
             value.const_value.name = name
         self._initializer_keys[name] = key
         self.data.store(value)
+        if not isinstance(value.const_value, ir.ExternalTensor):  # small: kept in memory, on its own
+            value.const_value = _own_tensor(value.const_value, name)
         self.initializers[name] = value
         return value
 
@@ -539,6 +550,27 @@ class _Stitcher:
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.DeduplicateInitializersPass(size_limit=1024)(model)
         return finalize_model(model, opset=opset, producer_version=producer_version)
+
+
+def _own_tensor(tensor, name: str):
+    """A copy of a small tensor that does not refer to the piece's protobuf: a tensor read from a protobuf keeps the
+    whole message (every weight of the piece) alive, which grew the memory by a layer per layer."""
+    import onnx_ir as ir
+
+    return ir.tensor(np.array(tensor.numpy(), copy=True), dtype=tensor.dtype, name=name)
+
+
+def _own_tensors(node) -> None:
+    """:func:`_own_tensor` for what a moved node holds: its tensor attributes (``Constant`` values) and the
+    constant values the optimizer recorded on its outputs."""
+    import onnx_ir as ir
+
+    for key, attr in list(node.attributes.items()):
+        if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+            node.attributes[key] = ir.AttrTensor(key, _own_tensor(attr.value, attr.value.name or ""))
+    for output in node.outputs:
+        if output.const_value is not None and not isinstance(output.const_value, ir.ExternalTensor):
+            output.const_value = _own_tensor(output.const_value, output.const_value.name or "")
 
 
 # --- the export -----------------------------------------------------------------------------------------------
@@ -569,6 +601,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
     from mone_export.novices import layer_pruned
     from mone_export.onnx_utils import DATA_SUFFIX
     from mone_export.progress import progress_bar
+    from mone_export.streaming import return_freed_memory
 
     opset = DEFAULT_OPSET if opset is None else opset
     if opset < 16:
@@ -608,7 +641,11 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                 if index == 0 and not last:
                     cut = _Cut(cut.layer, [], cut.prologue)  # its epilogue is the last piece's
                 stitcher.add_piece(piece.graph, cut, index, first=index == 0)
-                del piece
+                del piece, cut
+                # A piece is a web of reference cycles (graph, nodes, values): collect it now, not whenever the
+                # collector next runs (measured: the RSS grew by a layer per layer until it did).
+                gc.collect()
+                return_freed_memory()
                 _remove_tree(raw.parent)
                 log("layer %d/%d exported (%.1f s)", index + 1, num_layers, time.perf_counter() - started)
         data.close()
@@ -642,7 +679,9 @@ def _traced_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Pat
         return ir.load(path)
     buffer = io.BytesIO()
     _trace_piece(model, layers, index, buffer, opset)
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = onnx.ModelProto()
+    with buffer.getbuffer() as view:  # parsed in place: no third copy of the piece's weights
+        proto.ParseFromString(view)
     del buffer
     return ir.from_proto(proto)
 

@@ -37,7 +37,7 @@ from mone_export.loading import model_build_options
 from mone_export.progress import progress_bar
 from mone_export.stats import ExpertStats, LayerStats, check_unpruned, recording_experts
 
-__all__ = ["LayerStreamedModel", "collect_stats_streamed"]
+__all__ = ["LayerStreamedModel", "collect_stats_streamed", "return_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class LayerStreamedModel:
             yield layer
         finally:
             layer.to("meta")
-            _return_freed_memory()
+            return_freed_memory()
 
     def _load_keys(self, keys: list[str], wanted) -> None:
         """Load checkpoint tensors ``keys`` through transformers' conversion; every model tensor ``wanted(name)``
@@ -143,7 +143,7 @@ class LayerStreamedModel:
             self.model._init_weights(module)  # the one place transformers computes these buffers
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the freed heap back to the OS (glibc's ``malloc_trim``). A released layer's memory is free but glibc
     keeps fragmented heap pages: measured on a 6-layer bf16 checkpoint, without this the RSS grew by 1.3 layers'
     bytes per layer streamed, with it by under 0.15 and levelling off. Elsewhere (no glibc) a no-op."""
