@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from mone_export.errors import UsageError
+from mone_export.streaming import only_layer
 
 __all__ = ["export_onnx_streamed"]
 
@@ -59,44 +60,13 @@ _SMALL_ELEMENTS = 1 << 16
 """Initializers up to this many elements are matched by content, larger ones (weights) by name, shape and dtype."""
 
 
-class _PassThroughLayer(nn.Module):
-    """Stands in for a decoder layer that is not in the piece: returns its hidden states unchanged.
-
-    Plain attributes of the real layer (``attention_type``, ``layer_idx``) are copied, because some models' forwards
-    read them while iterating over their layers.
-    """
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        for key, value in vars(layer).items():
-            if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
-                setattr(self, key, value)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-@contextlib.contextmanager
-def _only_layer(layers: nn.ModuleList, index: int) -> Iterator[None]:
-    """Within the block every decoder layer but ``index`` is a :class:`_PassThroughLayer`."""
-    originals = list(layers)
-    try:
-        for j, layer in enumerate(originals):
-            if j != index:
-                layers[j] = _PassThroughLayer(layer)
-        yield
-    finally:
-        for j, layer in enumerate(originals):
-            layers[j] = layer
-
-
 class _LayerPiece(nn.Module):
     """The traced function of one piece: ``(input_ids, attention_mask, position_ids, past.{i}.key, past.{i}.value
     [, hidden_in]) -> ([logits,] present.{i}.key, present.{i}.value [, hidden_out])``.
 
     The model runs its own forward (mask, rotary embeddings, ...) on a cache whose every slot holds layer ``i``'s
     past, so that layer ``i`` reads its own and the past length the mask needs is the same; the decoder layers
-    other than ``i`` are pass-throughs (:func:`_only_layer`).
+    other than ``i`` are pass-throughs (:func:`~mone_export.streaming.only_layer`).
     """
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, index: int, hidden_in: bool, hidden_out: bool,
@@ -190,7 +160,7 @@ def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opse
         gen = torch.Generator().manual_seed(index)
         args.append(torch.randn(*ids.shape, int(model.config.hidden_size), generator=gen).to(model_dtype(model)))
     names = _piece_names(index, hidden_in, hidden_out, logits)
-    with _only_layer(layers, index):
+    with only_layer(layers, index):
         wrapper = _LayerPiece(model, layers, index, hidden_in, hidden_out, logits)
         trace_module_to_onnx(model, wrapper, tuple(args), path, opset, names.inputs, names.outputs, names.axes)
 
@@ -633,7 +603,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                     raw = Path(tmp) / f"piece{index}" / MODEL_FILE
                     raw.parent.mkdir()
                     piece = _traced_piece(model, layers, index, raw, opset)
-                    with _only_layer(layers, index):
+                    with only_layer(layers, index):
                         piece = process_traced_graph(piece, model, routing, streamed.dtype)
                 scope = _layer_scope(model, layers, index)
                 last = index == num_layers - 1

@@ -37,7 +37,8 @@ from mone_export.loading import model_build_options
 from mone_export.progress import progress_bar
 from mone_export.stats import ExpertStats, LayerStats, check_unpruned, recording_experts
 
-__all__ = ["LayerStreamedModel", "collect_stats_streamed", "return_freed_memory"]
+__all__ = ["LayerStreamedModel", "PassThroughLayer", "collect_stats_streamed", "only_layer", "return_freed_memory",
+           "streamed_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,38 @@ class LayerStreamedModel:
                 owners[module_name] = module
         for module in owners.values():
             self.model._init_weights(module)  # the one place transformers computes these buffers
+
+
+class PassThroughLayer(nn.Module):
+    """Stands in for a decoder layer that is not in the piece: returns its hidden states unchanged.
+
+    Plain attributes of the real layer (``attention_type``, ``layer_idx``) are copied, because some models' forwards
+    read them while iterating over their layers.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, key, value)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def only_layer(layers: nn.ModuleList, index: int | None) -> Iterator[None]:
+    """Within the block every decoder layer but ``index`` (all of them with None) is a :class:`PassThroughLayer`:
+    the model's own forward then computes its prologue, that one layer and its epilogue."""
+    originals = list(layers)
+    try:
+        for j, layer in enumerate(originals):
+            if j != index:
+                layers[j] = PassThroughLayer(layer)
+        yield
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
 
 
 def return_freed_memory() -> None:
@@ -273,3 +306,47 @@ def _recording_layer(model, moe_by_index, index: int, stats) -> Iterator[None]:
         return
     with recording_experts(model, {index: stats[index]}, only=[index]):
         yield
+
+
+def streamed_logits(streamed: LayerStreamedModel, batches: Iterable[torch.Tensor], plan=None,
+                    progress: bool = True, desc: str = "reference logits (by layer)") -> list[torch.Tensor]:
+    """The model's logits ``[B, S, V]`` for each token batch, one decoder layer in memory at a time.
+
+    Each layer is loaded, pruned as ``plan`` says (:func:`mone_export.novices.layer_pruned`; None: unpruned), run
+    on every batch's hidden states and released, as in :func:`collect_stats_streamed`. The final norm, LM head and
+    whatever the model does after them then run through the model's own forward, with every decoder layer a
+    pass-through that hands on the streamed hidden states. Float32 logits, whatever the compute dtype.
+    """
+    from mone_export.novices import layer_pruned
+
+    batches = list(batches)
+    model = streamed.model
+    layers = streamed.decoder_layers
+    moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
+    with torch.inference_mode():
+        inputs = [_first_layer_inputs(streamed, batch) for batch in batches]
+        hidden = [args[0] if args else kwargs.pop("hidden_states") for args, kwargs in inputs]
+        calls = [(args[1:], kwargs) for args, kwargs in inputs]
+        for index in progress_bar(range(len(layers)), desc=desc, unit="layer", enabled=progress):
+            with streamed.loaded_layer(index) as layer, contextlib.ExitStack() as stack:
+                if index in moe_by_index:
+                    stack.enter_context(layer_pruned(streamed.adapter, moe_by_index[index], plan))
+                hidden = [_hidden_of(layer(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
+        return [_logits_from_hidden(streamed, batch, h).float() for batch, h in zip(batches, hidden)]
+
+
+def _logits_from_hidden(streamed: LayerStreamedModel, batch: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's forward on ``batch`` with its decoder layers' output replaced by ``hidden``."""
+    layers = streamed.decoder_layers
+
+    def hand_on(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    with only_layer(layers, None):
+        handle = layers[len(layers) - 1].register_forward_pre_hook(hand_on, with_kwargs=True)
+        try:
+            return streamed.model(input_ids=batch, use_cache=False).logits
+        finally:
+            handle.remove()

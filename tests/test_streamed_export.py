@@ -177,3 +177,50 @@ def test_only_one_decoder_layer_is_in_memory_while_exporting(tmp_path, monkeypat
     export_onnx_streamed(streamed, tmp_path / "out", progress=False)
     assert loaded_counts == [0, 0, 0]  # nothing resident when the next layer is loaded
     assert all(p.is_meta for layer in streamed.decoder_layers for p in layer.parameters())
+
+
+# --- layer-streamed validation (teacher forcing) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamed_mixtral(tmp_path_factory):
+    """The bundled Mixtral, MoNE-pruned: (in-memory pruned model, tokenizer, plan, streamed model, pruned export,
+    unpruned export), the exports written layer-streamed."""
+    root = tmp_path_factory.mktemp("streamed-validation")
+    model, tokenizer = load_model("mixtral")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 32), generator=gen) for _ in range(2)]
+    plan = plan_pruning(collect_stats(model, batches, progress=False), 0.5, "mone")
+    streamed = LayerStreamedModel(bundled_model_path("mixtral"))
+    pruned = export_onnx_streamed(streamed, root / "pruned", plan, progress=False)
+    unpruned = export_onnx_streamed(streamed, root / "unpruned", None, progress=False)
+    apply_plan(model, plan)
+    return model, tokenizer, plan, streamed, pruned, unpruned
+
+
+def test_streamed_validation_passes_and_agrees_with_in_memory_validation(streamed_mixtral):
+    from mone_export.streamed_validation import StreamedValidationOptions, validate_streamed
+    from mone_export.validate import validate_export
+
+    model, tokenizer, plan, streamed, pruned, unpruned = streamed_mixtral
+    options = StreamedValidationOptions(new_tokens=12, baseline_dir=unpruned.parent, prefill_tokens=32,
+                                        prefill_repeats=2, decode_repeats=5)
+    report = validate_streamed(pruned.parent, streamed, plan, tokenizer, options)
+    assert report["passed"], report["failures"]
+    assert [row["output"] for row in report["logits"]][:2] == ["logits at prefill", "logits at decode step 1"]
+    in_memory = validate_export(pruned.parent, model, tokenizer=tokenizer, new_tokens=12, latency=False)
+    # ONNX Runtime's greedy tokens, checked position by position, are those model.generate produces in memory.
+    assert [r["onnx"] for r in report["generation"]["per_prompt"]] == \
+        [r["torch"] for r in in_memory["generation"]["per_prompt"]]
+    assert report["memory"]["lower_bound_bytes"] == lower_bound_bytes(model) == in_memory["memory"]["lower_bound_bytes"]
+    assert "onnx_unpruned" in report["latency"] and "pytorch" not in report["latency"]
+
+
+def test_streamed_validation_fails_an_export_of_other_weights(streamed_mixtral):
+    from mone_export.streamed_validation import StreamedValidationOptions, validate_streamed
+
+    _, tokenizer, plan, streamed, _, unpruned = streamed_mixtral
+    options = StreamedValidationOptions(new_tokens=8, memory=False, latency=False)
+    report = validate_streamed(unpruned.parent, streamed, plan, tokenizer, options)  # the plan was not applied
+    assert not report["passed"]
+    assert any(f["output"] == "logits at prefill" for f in report["failures"])
