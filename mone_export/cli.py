@@ -138,6 +138,9 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-failed", action="store_true",
                        help="when parity fails, keep the export in OUT.failed for debugging (OUT is never replaced "
                        "by a failed export)")
+    group.add_argument("--streaming", default="auto", choices=["auto", "on", "off"],
+                       help="load, calibrate, export and validate one decoder layer at a time, for checkpoints "
+                       "larger than memory (auto: when the weights exceed a quarter of the available memory)")
 
 
 def add_plan_weights_option(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +192,8 @@ class ExportCommand(Command):
                                 scope=args.scope, calib=calibration_options(args), dtype=args.dtype,
                                 provider=args.provider, validate=args.validate, overwrite=args.overwrite,
                                 progress=not args.quiet, plan_dir=args.plan, atol=args.atol,
-                                keep_failed=args.keep_failed, allow_other_weights=args.allow_other_weights)
+                                keep_failed=args.keep_failed, allow_other_weights=args.allow_other_weights,
+                                streaming=args.streaming)
         except ParityError as exc:
             _print_parity_report(args, self, exc)
             raise
@@ -218,6 +222,9 @@ class ValidateCommand(Command):
         optional.add_argument("--no-latency", dest="latency", action="store_false",
                               help="skip the latency measurement")
         add_plan_weights_option(optional)
+        optional.add_argument("--streaming", default="auto", choices=["auto", "on", "off"],
+                              help="compute the PyTorch reference one decoder layer at a time (teacher-forced), for "
+                              "checkpoints larger than memory (auto: when the weights exceed a quarter of it)")
         group = parser.add_argument_group("Output")
         group.add_argument("--quiet", action="store_true", help="print errors only: no progress, log lines or summary")
         group.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -227,7 +234,7 @@ class ValidateCommand(Command):
 
         report = validate_folder(args.output_dir, model=args.model, provider=args.provider, atol=args.atol,
                                  latency=args.latency, progress=not args.quiet,
-                                 allow_other_weights=args.allow_other_weights)
+                                 allow_other_weights=args.allow_other_weights, streaming=args.streaming)
         if not report["passed"]:
             from mone_export.validate import raise_for_failures
 

@@ -15,6 +15,7 @@ weights (``source_model`` in ``report.json``, or ``model=``) and the folder's pl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from typing import Iterator
 from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
 
-__all__ = ["EXPORT_DTYPES", "check_onnx_file", "export_model", "find_plan_dir", "resolve_output", "validate_folder"]
+__all__ = ["EXPORT_DTYPES", "STREAMING_MEMORY_FRACTION", "check_onnx_file", "export_model", "export_model_streamed",
+           "find_plan_dir", "resolve_output", "use_streaming", "validate_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ def export_model(
     validation_options: dict | None = None,
     keep_failed: bool = False,
     allow_other_weights: bool = False,
+    streaming: str = "auto",
 ) -> dict:
     """Prune ``model`` with MoNE (or a baseline) and export it to an ONNX Runtime folder; return the report.
 
@@ -171,6 +174,9 @@ def export_model(
             for debugging; ``output`` is never replaced by a failed export.
         allow_other_weights: export a saved plan onto weights other than those it was computed on (the plan's
             fingerprint differs); refused by default.
+        streaming: ``on``: load, calibrate, export and validate one decoder layer at a time (models larger than
+            memory: :func:`export_model_streamed`); ``off``: the whole model in memory; ``auto`` (default): ``on``
+            when the checkpoint's weights exceed :data:`STREAMING_MEMORY_FRACTION` of the available memory.
 
     Returns:
         The report (also written to ``report.json``/``report.md``).
@@ -211,6 +217,10 @@ def export_model(
     if validate:
         check_provider(provider)
     preflight(model, None if plan_path else calib)
+    if use_streaming(model, streaming):
+        return export_model_streamed(model, ratio, folder, method, scope, calib, dtype, provider, validate,
+                                     overwrite, progress, plan_path, atol=atol, validation_options=validation_options,
+                                     keep_failed=keep_failed, allow_other_weights=allow_other_weights)
     source = _source_record(str(model))
 
     stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
@@ -307,6 +317,168 @@ def export_model(
     return report
 
 
+STREAMING_MEMORY_FRACTION = 0.25
+"""``streaming="auto"`` streams when the checkpoint's weights exceed this share of the available memory (an
+in-memory run peaks at several times the checkpoint's bytes: the model, the traced graph, ONNX Runtime's session)."""
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def use_streaming(model, streaming: str) -> bool:
+    """Whether a run on ``model`` goes layer by layer (``streaming``: ``on``, ``off`` or ``auto``)."""
+    from mone_export.checkpoint import weight_files
+    from mone_export.loading import resolve_model_path
+
+    if streaming not in ("on", "off", "auto"):
+        raise UsageError(f"--streaming must be on, off or auto (got {streaming!r}).")
+    if streaming != "auto":
+        return streaming == "on"
+    weights = sum(path.stat().st_size for path in weight_files(resolve_model_path(model)))
+    available = _available_memory()
+    chosen = available is not None and weights > STREAMING_MEMORY_FRACTION * available
+    if chosen:
+        logger.info("the checkpoint's %.1f GB of weights exceed %d%% of the %.1f GB of available memory: streaming "
+                    "it one decoder layer at a time (--streaming off to force an in-memory run)", weights / 1e9,
+                    round(100 * STREAMING_MEMORY_FRACTION), available / 1e9)
+    return chosen
+
+
+def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, calib: CalibrationOptions,
+                          dtype: str, provider: str, validate: bool, overwrite: bool, progress: bool,
+                          plan_path: Path | None, *, atol: float | None = None, validation_options: dict | None = None,
+                          keep_failed: bool = False, allow_other_weights: bool = False) -> dict:
+    """:func:`export_model` with one decoder layer in memory at a time (docs/method.md, models larger than memory).
+
+    Calibration (:func:`mone_export.streaming.collect_stats_streamed`, float32 compute), the export
+    (:func:`mone_export.streamed_export.export_onnx_streamed`, written in place into the output folder) and the
+    validation (:func:`mone_export.streamed_validation.validate_streamed`, teacher-forced) each stream the
+    checkpoint's layers; the unpruned export of the memory and latency comparison is streamed too. The arguments
+    are :func:`export_model`'s, already checked by it; the report has the same form, plus ``"streaming": true``.
+    """
+    import torch
+
+    from mone_export import __version__
+    from mone_export.distributed import is_primary
+    from mone_export.errors import ParityError
+    from mone_export.export import MODEL_FILE, weight_bytes
+    from mone_export.loading import load_tokenizer, resolve_model_path
+    from mone_export.output_folder import output_folder
+    from mone_export.pipeline import calibrate_and_plan, secondary_rank_report
+    from mone_export.plan import PruningPlan
+    from mone_export.report import write_report
+    from mone_export.safe_output import RunScratch
+    from mone_export.scoring import check_ratio_feasible
+    from mone_export.streamed_export import export_onnx_streamed
+    from mone_export.streamed_validation import (StreamedValidationOptions, streamed_lower_bound_bytes,
+                                                 validate_streamed)
+    from mone_export.streaming import LayerStreamedModel
+    from mone_export.validate import raise_for_failures
+
+    started = time.perf_counter()
+    path = resolve_model_path(model)
+    source = _source_record(str(model))
+    export_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    options = dict(validation_options or {})
+    compare_unpruned = validate and (options.get("memory", True) or options.get("latency", True))
+    stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
+    if compare_unpruned:
+        stages[2:2] = ["export unpruned"]
+    if validate:
+        stages[-1:-1] = ["validate"]
+    if validate and dtype != "fp32":
+        raise UsageError(f"--dtype {dtype}: a layer-streamed run validates fp32 exports only; pass --dtype fp32, "
+                         "--no-validate, or --streaming off if the model fits in memory.")
+    run = _Stages(stages, progress)
+    report: dict = {}
+    try:
+        with run.stage("load"):
+            streamed = LayerStreamedModel(path, dtype=torch.float32)
+            tokenizer = load_tokenizer(path)
+            if plan_path is None:
+                check_ratio_feasible(streamed.model, ratio, method, scope)
+        if plan_path is not None:
+            with run.stage("load plan"):
+                if not allow_other_weights:
+                    logger.warning("a layer-streamed run checks the plan's shapes, not its experts fingerprint")
+                plan = PruningPlan.load(plan_path, model=streamed.model, check_weights=False)
+        else:
+            with run.stage("calibrate"):
+                plan, _ = calibrate_and_plan(streamed, tokenizer, ratio, method, scope, calib, progress)
+            if not is_primary():
+                return secondary_rank_report("export", plan)
+        exporting = streamed if export_dtype == torch.float32 else LayerStreamedModel(path, dtype=export_dtype)
+        if plan.num_pruned:
+            exporting.model.config.mone_pruning = plan.summary()
+        with RunScratch(folder) as scratch, contextlib.ExitStack() as writing:
+            baseline = None
+            if compare_unpruned and plan.num_pruned:
+                with run.stage("export unpruned"):
+                    baseline = scratch.folder("unpruned")
+                    export_onnx_streamed(exporting, baseline, None, progress=progress)
+            report = {
+                "command": "export", "mone_export_version": __version__, **source,
+                "model_type": plan.model["model_type"], "output": str(folder), "onnx": str(folder / MODEL_FILE),
+                "dtype": dtype, "provider": provider, "streaming": True, **plan.summary(),
+                "pruned": {str(k): v for k, v in plan.pruned.items()},
+                "num_experts_per_layer": {str(k): int(v) for k, v in plan.model["num_experts"].items()},
+                "plan_source": str(plan_path) if plan_path else "calibrated", "calibration": plan.calibration,
+            }
+            with run.stage("export"):
+                tmp = writing.enter_context(output_folder(
+                    exporting.model, tokenizer, lambda target: export_onnx_streamed(exporting, target, plan,
+                                                                                    progress=progress),
+                    folder, plan=plan, overwrite=overwrite, dtype=dtype))
+            pruned_bytes = weight_bytes(tmp / MODEL_FILE)
+            bound = streamed_lower_bound_bytes(streamed, plan, export_dtype)
+            report["weights"] = {
+                "unpruned_bytes": weight_bytes(baseline / MODEL_FILE) if baseline else
+                (pruned_bytes if not plan.num_pruned else streamed_lower_bound_bytes(streamed, None, export_dtype)),
+                "unpruned_source": "unpruned export" if baseline else
+                ("this export (ratio 0)" if not plan.num_pruned else "parameters of the unpruned model"),
+                "pruned_bytes": pruned_bytes, "lower_bound_bytes": bound, "ratio_to_bound": pruned_bytes / bound,
+            }
+            validation = None
+            if validate:
+                with run.stage("validate"):
+                    known = {f.name for f in dataclasses.fields(StreamedValidationOptions)}
+                    chosen = StreamedValidationOptions(provider=provider, atol=atol, baseline_dir=baseline,
+                                                       **{k: v for k, v in options.items() if k in known})
+                    validation = validate_streamed(tmp, streamed, plan, tokenizer, chosen, progress=progress)
+                validation["onnx"] = report["onnx"]
+            report["validation"] = validation
+            report["passed"] = None if validation is None else validation["passed"]
+            report["exit_code"] = 0 if validation is None or validation["passed"] else 1
+            failed = report["passed"] is False
+            if failed:
+                report["output_written"] = False
+                report["kept_failed"] = str(failed_output_path(folder)) if keep_failed else None
+                if keep_failed:
+                    report["output"] = str(failed_output_path(folder))
+                    report["onnx"] = validation["onnx"] = str(failed_output_path(folder) / MODEL_FILE)
+            with run.stage("report"):
+                report["timings"] = dict(run.seconds)
+                report["seconds"] = round(time.perf_counter() - started, 2)
+                write_report(tmp, report, plan)
+            if failed:
+                if keep_failed:
+                    scratch.commit(tmp, failed_output_path(folder))
+                raise_for_failures(validation)
+    except ParityError as exc:
+        exc.report = report
+        raise
+    finally:
+        run.close()
+    return report
+
+
 def check_onnx_file(path: Path) -> None:
     """A clear error for a ``model.onnx`` that is not a whole ONNX model, or whose external weights are missing or
     short (a truncated copy); reads the graph, not the weights."""
@@ -352,6 +524,7 @@ def validate_folder(
     latency: bool = True,
     progress: bool = True,
     allow_other_weights: bool = False,
+    streaming: str = "auto",
     **options,
 ) -> dict:
     """Re-check an export folder against the pruned PyTorch model rebuilt from the original weights and its plan.
@@ -363,7 +536,10 @@ def validate_folder(
         provider, atol, latency: as in :func:`mone_export.validate.validate_export` (no unpruned export here, so
             latency compares the export with PyTorch eager only).
         allow_other_weights: accept a ``model`` whose experts differ from those the plan was computed on.
-        options: further keyword arguments for ``validate_export``.
+        streaming: ``on`` / ``off`` / ``auto``, as for :func:`export_model`: the PyTorch reference layer-streamed
+            and teacher-forced (:func:`mone_export.streamed_validation.validate_streamed`).
+        options: further keyword arguments for ``validate_export`` (or the fields of
+            :class:`~mone_export.streamed_validation.StreamedValidationOptions`).
 
     Returns:
         The validation report, plus ``model``, ``source_model``, ``output`` and ``command``; ``passed`` False when a
@@ -397,14 +573,39 @@ def validate_folder(
     preflight(model)
     log = logger.info if progress else logger.debug
     log("rebuilding the pruned model from %s%s", model, f" and {folder / 'plan'}" if has_plan else " (unpruned export)")
-    original, _ = load_model(model, dtype="fp32")
-    if has_plan:
-        apply_plan(original, PruningPlan.load(folder / "plan", model=original, check_weights=not allow_other_weights))
-    report = validate_export(folder, original, provider=provider, atol=atol, latency=latency, progress=progress,
-                             **options)
+    if use_streaming(model, streaming):
+        report = _validate_folder_streamed(folder, model, has_plan, provider, atol, latency, progress, options)
+    else:
+        original, _ = load_model(model, dtype="fp32")
+        if has_plan:
+            apply_plan(original, PruningPlan.load(folder / "plan", model=original,
+                                                  check_weights=not allow_other_weights))
+        report = validate_export(folder, original, provider=provider, atol=atol, latency=latency,
+                                 progress=progress, **options)
     return {"command": "validate", "model": str(model), "source_model": str(resolve_model_path(model).resolve()),
             "output": str(folder), **{k: saved[k] for k in ("model_type", "method", "ratio", "scope") if k in saved},
             "validation": report, "passed": report["passed"], "exit_code": 0 if report["passed"] else 1}
+
+
+def _validate_folder_streamed(folder: Path, model, has_plan: bool, provider: str, atol, latency: bool,
+                              progress: bool, options: dict) -> dict:
+    """:func:`validate_folder`'s check with the reference layer-streamed (the plan's shapes are checked, not its
+    experts fingerprint: that would read every layer once more)."""
+    import torch
+
+    from mone_export.loading import load_tokenizer, resolve_model_path
+    from mone_export.plan import PruningPlan
+    from mone_export.streamed_validation import StreamedValidationOptions, validate_streamed
+    from mone_export.streaming import LayerStreamedModel
+
+    path = resolve_model_path(model)
+    streamed = LayerStreamedModel(path, dtype=torch.float32)
+    plan = PruningPlan.load(folder / "plan", model=streamed.model, check_weights=False) if has_plan else None
+    known = {f.name for f in dataclasses.fields(StreamedValidationOptions)}
+    chosen = StreamedValidationOptions(provider=provider, atol=atol, latency=latency,
+                                       **{k: v for k, v in options.items() if k in known})
+    tokenizer = load_tokenizer(folder) or load_tokenizer(path)
+    return validate_streamed(folder, streamed, plan, tokenizer, chosen, progress=progress)
 
 
 def _resolvable(name: str) -> bool:

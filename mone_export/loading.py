@@ -163,6 +163,11 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a checkpoint folder, or None when it has none."""
+    return _load_tokenizer(Path(path))
+
+
 def _load_tokenizer(path: Path):
     import transformers
 

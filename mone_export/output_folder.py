@@ -155,6 +155,8 @@ def _place_onnx(onnx_model, folder: Path, model, dtype: str) -> Path:
     target = folder / MODEL_FILE
     if onnx_model is None:
         return export_onnx(model, target, dtype=dtype, progress=False)
+    if callable(onnx_model):  # writes the model in place (the layer-streamed export: no copy of its weights)
+        return onnx_model(target)
     if isinstance(onnx_model, (str, os.PathLike)):
         source = Path(onnx_model)
         source = source / MODEL_FILE if source.is_dir() else source
@@ -265,7 +267,8 @@ def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan
         model: the (pruned) PyTorch model that was exported (its config, generation config and sizes are written).
         tokenizer: its tokenizer, or None.
         onnx_model: the exported model: a ``.onnx`` path (its ``.data`` file is copied too), an ``onnx_ir.Model``,
-            or None to export ``model`` here in ``dtype``.
+            a function that writes it to the ``model.onnx`` path it is given, or None to export ``model`` here in
+            ``dtype``.
         out_dir: the folder to (re)place.
         plan: the :class:`~mone_export.plan.PruningPlan` that was applied, saved under ``plan/``.
         overwrite: replace a non-empty ``out_dir``.

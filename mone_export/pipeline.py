@@ -98,7 +98,10 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, calib: CalibrationOptions,
                        progress: bool = True):
-    """Calibrate ``model`` on ``calib`` and return ``(plan, stats)``; the model is not changed."""
+    """Calibrate ``model`` (in memory, or a :class:`~mone_export.streaming.LayerStreamedModel`) on ``calib`` and
+    return ``(plan, stats)``; the model is not changed."""
+    from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
+
     check_pruning_options(method, scope, calib)
     vocab = int(model.config.vocab_size)
     batches = calibration_batches(calib.source, tokenizer, calib.samples, calib.seq_len, seed=calib.seed,
@@ -107,6 +110,8 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
     if is_distributed_launch():  # started by torchrun: this rank calibrates its share, all merge (distributed.py)
         init_from_environment()
         stats = collect_stats_distributed(model, list(batches), progress=progress, calibration=info)
+    elif isinstance(model, LayerStreamedModel):  # one decoder layer in memory at a time
+        stats = collect_stats_streamed(model, batches, progress=progress, calibration=info)
     else:
         stats = collect_stats(model, batches, progress=progress, calibration=info)
     return plan_pruning(stats, ratio, method=method, scope=scope, seed=calib.seed), stats
