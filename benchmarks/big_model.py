@@ -8,7 +8,13 @@ Synthesises a sharded bf16 Mixtral checkpoint (one shard per decoder layer, lega
 calibration (random tokens) in a child process per configuration and samples the RSS of that process tree from
 outside (mone_export.process_memory). Reports per layer count: checkpoint bytes, the largest decoder layer's bytes,
 peak RSS and seconds of layer-streamed calibration (and of in-memory calibration with ``--in-memory``, where it
-fits). Writes JSON (``--json``). The export stage is not streamed yet (issue 10), so this measures calibration.
+fits). Writes JSON (``--json``).
+
+With ``--pipeline`` it runs the main command instead, layer-streamed (``mone-export --model DIR --ratio R
+--streaming on --calib random ...``: calibrate, prune, export in fp32, validate), and reports the peak RSS of the
+whole run and of each stage, each stage's seconds, the bytes and the validation result:
+
+    python benchmarks/big_model.py --mixtral-8x7b --layers 12 --pipeline --ratio 0.875 --samples 8 --seq-len 64
 """
 
 from __future__ import annotations
@@ -103,6 +109,37 @@ def measure(folder: Path, mode: str, samples: int, seq: int) -> dict:
             "calibration_seconds": round(float(out.strip().splitlines()[-1]), 2)}
 
 
+def measure_pipeline(folder: Path, out: Path, ratio: float, samples: int, seq: int, validate: bool) -> dict:
+    """The main command, layer-streamed, in a child process: the process tree's peak RSS overall and per stage
+    (stage windows from the report's stage times, laid back from the moment the child exited), each stage's
+    seconds, the bytes, and the validation summary."""
+    from mone_export.process_memory import TreePeakSampler
+
+    command = [sys.executable, "-c", "from mone_export.cli import main; raise SystemExit(main())", "--model",
+               str(folder), "--ratio", str(ratio), "--streaming", "on", "--calib", "random", "--calib-samples",
+               str(samples), "--seq-len", str(seq), "--batch-size", "1", "-o", str(out), "--overwrite", "--json",
+               "--quiet", *([] if validate else ["--no-validate"])]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    with TreePeakSampler(process.pid, interval=0.05, timeline=True) as sampler:
+        stdout, _ = process.communicate()
+        ended = time.monotonic()
+    if process.returncode not in (0, 1):
+        raise RuntimeError(f"the layer-streamed run on {folder} failed with exit code {process.returncode}")
+    report = json.loads(stdout)
+    stages, end = {}, ended
+    for name, seconds in reversed(list(report["timings"].items())):
+        stages[name] = {"seconds": seconds, "peak_rss_bytes": sampler.peak_between(end - seconds, end)}
+        end -= seconds
+    validation = report.get("validation") or {}
+    return {"exit_code": process.returncode, "wall_seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_bytes": sampler.peak, "stages": dict(reversed(list(stages.items()))),
+            "weights": report["weights"], "passed": report.get("passed"),
+            "logits_max_abs_diff": max((row["max_abs_diff"] for row in validation.get("logits", [])), default=None),
+            "greedy_identical": (validation.get("generation") or {}).get("identical"),
+            "session_peak_bytes": ((validation.get("memory") or {}).get("session") or {}).get("session_peak_bytes")}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12])
@@ -114,6 +151,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--in-memory", action="store_true", help="also measure in-memory calibration")
     parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp folder)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="run the main command (calibrate, prune, export, validate) layer-streamed, not only "
+                        "calibration")
+    parser.add_argument("--ratio", type=float, default=0.875, help="with --pipeline: the pruning ratio")
+    parser.add_argument("--no-validate", dest="validate", action="store_false", help="with --pipeline")
     parser.add_argument("--json", default="benchmarks/results/big_model.json")
     args = parser.parse_args(argv)
     sizes = dict(MIXTRAL_8X7B) if args.mixtral_8x7b else {"hidden": args.hidden, "inter": args.inter,
@@ -122,7 +164,23 @@ def main(argv=None) -> dict:
     rows = []
     for layers in args.layers:
         folder = root / f"mixtral-{layers}"
-        row = {"layers": layers, **sizes, **synthesize_checkpoint(folder, mixtral_config(layers, **sizes))}
+        if (folder / "model.safetensors.index.json").is_file():  # written by an earlier run: reuse it
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            shard_sizes = {}
+            for name in set(index["weight_map"].values()):
+                shard_sizes[name] = (folder / name).stat().st_size
+            written = {"checkpoint_bytes": index["metadata"]["total_size"],
+                       "largest_layer_bytes": max(shard_sizes.values())}
+        else:
+            written = synthesize_checkpoint(folder, mixtral_config(layers, **sizes))
+        row = {"layers": layers, **sizes, **written}
+        if args.pipeline:
+            row["pipeline"] = measure_pipeline(folder, root / f"out-{layers}", args.ratio, args.samples,
+                                               args.seq_len, args.validate)
+            row["bound_calibrate_prune_export_bytes"] = int(1.5e9 + 4 * row["largest_layer_bytes"])
+            rows.append(row)
+            print(json.dumps(row))
+            continue
         row["streamed"] = measure(folder, "streamed", args.samples, args.seq_len)
         if args.in_memory:
             row["in_memory"] = measure(folder, "in-memory", args.samples, args.seq_len)
@@ -131,6 +189,13 @@ def main(argv=None) -> dict:
     result = {"command": "python benchmarks/big_model.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.pipeline:
+        for row in rows:
+            stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_bytes'] / 1e6:.0f} MB"
+                               for k, v in row["pipeline"]["stages"].items())
+            print(f"{row['layers']} layers, checkpoint {row['checkpoint_bytes'] / 1e9:.1f} GB: peak "
+                  f"{row['pipeline']['peak_rss_bytes'] / 1e6:.0f} MB; {stages}")
+        return result
     print(f"{'layers':>6} {'ckpt MB':>9} {'layer MB':>9} {'streamed peak MB':>17} {'in-memory peak MB':>18}")
     for row in rows:
         memory = row.get("in_memory", {}).get("peak_rss_bytes")

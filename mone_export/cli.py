@@ -132,6 +132,10 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="dtype of the exported graph")
     group.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                        help="ONNX Runtime execution provider of the validation (default cpu)")
+    group.add_argument("--moe-form", default="auto", choices=["auto", "dispatch", "fused"],
+                       help="graph form of the routed experts: dispatch (one branch per expert, fastest on the CPU "
+                       "provider), fused (one com.microsoft.MoE node per layer, dispatch kept on the GPU); auto: "
+                       "fused with --provider cuda, else dispatch")
     group.add_argument("--atol", type=float, default=None, help=ATOL_HELP)
     group.add_argument("--no-validate", dest="validate", action="store_false",
                        help="skip the parity, memory and latency checks (and the unpruned export they compare to)")
@@ -193,7 +197,7 @@ class ExportCommand(Command):
                                 provider=args.provider, validate=args.validate, overwrite=args.overwrite,
                                 progress=not args.quiet, plan_dir=args.plan, atol=args.atol,
                                 keep_failed=args.keep_failed, allow_other_weights=args.allow_other_weights,
-                                streaming=args.streaming)
+                                streaming=args.streaming, moe_form=args.moe_form)
         except ParityError as exc:
             _print_parity_report(args, self, exc)
             raise

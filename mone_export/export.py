@@ -44,6 +44,7 @@ from mone_export.onnx_utils import (
     finalize_model,
     dispatch_weight_values,
     initializer_bytes,
+    name_fused_expert_weights,
     name_initializers,
     name_values,
     save_model,
@@ -312,9 +313,10 @@ def _softmax_in_requested_dtype(opset: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def export_patches(model: nn.Module) -> Iterator[nn.Module]:
-    """Every export-time change to ``model``, undone on exit: eager attention, canonical MoE dispatch, real rotary."""
-    with _eager_attention(model), export_friendly_moe(model), _patched_complex_rotary(model):
+def export_patches(model: nn.Module, moe_form: str = "dispatch") -> Iterator[nn.Module]:
+    """Every export-time change to ``model``, undone on exit: eager attention, the MoE graph form (``moe_form``, see
+    :data:`mone_export.moe_export_forward.MOE_FORMS`), real rotary."""
+    with _eager_attention(model), export_friendly_moe(model, moe_form), _patched_complex_rotary(model):
         yield model
 
 
@@ -356,16 +358,17 @@ def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     return axes
 
 
-def _trace_to_onnx(model: nn.Module, path: Path, opset: int) -> None:
+def _trace_to_onnx(model: nn.Module, path: Path, opset: int, moe_form: str = "dispatch") -> None:
     """TorchScript-trace ``DecoderWithCache(model)`` (patched) into ``path``."""
     num_layers = int(model.config.num_hidden_layers)
     ids, mask, positions, cache = example_inputs(model)
     trace_module_to_onnx(model, DecoderWithCache(model), (ids, mask, positions, cache), path, opset,
-                         input_names(num_layers), output_names(num_layers), dynamic_axes(num_layers))
+                         input_names(num_layers), output_names(num_layers), dynamic_axes(num_layers), moe_form)
 
 
 def trace_module_to_onnx(model: nn.Module, wrapper: nn.Module, args: tuple, path, opset: int,
-                         input_names: list[str], output_names: list[str], dynamic_axes: dict) -> None:
+                         input_names: list[str], output_names: list[str], dynamic_axes: dict,
+                         moe_form: str = "dispatch") -> None:
     """TorchScript-trace ``wrapper`` (a module around ``model``) into ``path`` (a file path, or an ``io.BytesIO``
     for a model under 2 GiB), with every export-time patch of ``model`` applied (:func:`export_patches`) and
     softmax in the requested dtype."""
@@ -376,7 +379,7 @@ def trace_module_to_onnx(model: nn.Module, wrapper: nn.Module, args: tuple, path
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        with torch.no_grad(), export_patches(model), _softmax_in_requested_dtype(opset):
+        with torch.no_grad(), export_patches(model, moe_form), _softmax_in_requested_dtype(opset):
             # torch.onnx.export(dynamo=False) without its ONNX shape inference: that pass serialises the weights
             # into a temporary model for every node that reads one (measured: 55 of 122 s of the streamed export
             # of a 640M-parameter Qwen3-MoE). Our symbolics do not need its shapes, the graph computes the same
@@ -459,6 +462,7 @@ def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], 
     ir.passes.common.IdentityEliminationPass()(ir_model)
     name_initializers(ir_model, _named_layouts(source), prefix="model.")
     name_values(dispatch_weight_values(ir_model), routing_names)
+    name_fused_expert_weights(ir_model)
     shared = share_transposed_initializers(ir_model)
     if shared:
         log("tied weights: %d MatMul(s) now read the untransposed initializer", shared)
@@ -481,6 +485,7 @@ def export_onnx(
     progress: bool = True,
     external_data: bool | None = None,
     run_passes: bool = True,
+    moe_form: str = "dispatch",
 ) -> Path:
     """Export a (pruned) transformers MoE causal LM to ONNX with KV cache and return the written ``.onnx`` path.
 
@@ -494,6 +499,9 @@ def export_onnx(
         progress: log each stage at INFO level (otherwise DEBUG).
         external_data: force (True) or forbid (False) ``model.onnx.data``; default: only above ~2 GiB.
         run_passes: run ``graph_passes.prune_novices`` (turn it off only to inspect the raw export).
+        moe_form: ``dispatch`` (one branch per real expert: the fastest form on ONNX Runtime's CPU provider) or
+            ``fused`` (the real experts of a layer as one ``com.microsoft.MoE`` node, the dispatch kept on the device:
+            the GPU form). Novices are the same bias node in both (docs/graph.md).
 
     The file is written in place of any previous one; for an atomic folder use
     :func:`mone_export.output_folder.write_output_folder`.
@@ -520,7 +528,7 @@ def export_onnx(
     with eval_mode(source), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / MODEL_FILE
         log("tracing %s (%d layers) to ONNX", type(model).__name__, model.config.num_hidden_layers)
-        _trace_to_onnx(source, raw, opset)
+        _trace_to_onnx(source, raw, opset, moe_form)
         ir_model = ir.load(raw)
         log("traced in %.1f s: %d nodes, %.1f MB of weights", time.perf_counter() - started,
             len(ir_model.graph), initializer_bytes(ir_model) / 1e6)

@@ -150,6 +150,7 @@ def export_model(
     keep_failed: bool = False,
     allow_other_weights: bool = False,
     streaming: str = "auto",
+    moe_form: str = "auto",
 ) -> dict:
     """Prune ``model`` with MoNE (or a baseline) and export it to an ONNX Runtime folder; return the report.
 
@@ -177,6 +178,8 @@ def export_model(
         streaming: ``on``: load, calibrate, export and validate one decoder layer at a time (models larger than
             memory: :func:`export_model_streamed`); ``off``: the whole model in memory; ``auto`` (default): ``on``
             when the checkpoint's weights exceed :data:`STREAMING_MEMORY_FRACTION` of the available memory.
+        moe_form: graph form of the routed experts (:func:`resolve_moe_form`): ``dispatch``, ``fused``, or ``auto``
+            (fused for ``provider="cuda"``).
 
     Returns:
         The report (also written to ``report.json``/``report.md``).
@@ -217,7 +220,11 @@ def export_model(
     if validate:
         check_provider(provider)
     preflight(model, None if plan_path else calib)
+    form = resolve_moe_form(moe_form, provider)
     if use_streaming(model, streaming):
+        if form != "dispatch":
+            raise UsageError("the layer-streamed export writes the branch form of the experts only; add "
+                             "--moe-form dispatch (or --streaming off where the model fits in memory).")
         return export_model_streamed(model, ratio, folder, method, scope, calib, dtype, provider, validate,
                                      overwrite, progress, plan_path, atol=atol, validation_options=validation_options,
                                      keep_failed=keep_failed, allow_other_weights=allow_other_weights)
@@ -253,7 +260,7 @@ def export_model(
                 with run.stage("export unpruned"):
                     if plan.num_pruned:
                         baseline = scratch.folder("unpruned")
-                        export_onnx(loaded, baseline, dtype=dtype, progress=False)
+                        export_onnx(loaded, baseline, dtype=dtype, progress=False, moe_form=form)
             apply_plan(loaded, plan)
             report = {
                 "command": "export",
@@ -264,6 +271,7 @@ def export_model(
                 "onnx": str(folder / MODEL_FILE),
                 "dtype": dtype,
                 "provider": provider,
+                "moe_form": form,
                 **plan.summary(),
                 "pruned": {str(k): v for k, v in plan.pruned.items()},
                 "num_experts_per_layer": {str(k): int(v) for k, v in plan.model["num_experts"].items()},
@@ -273,7 +281,8 @@ def export_model(
             with run.stage("export"):
                 # Exits first (LIFO): the folder replaces the previous output, then the scratch folder goes.
                 tmp = writing.enter_context(
-                    output_folder(loaded, tokenizer, None, folder, plan=plan, overwrite=overwrite, dtype=dtype))
+                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form), folder, plan=plan,
+                                  overwrite=overwrite, dtype=dtype))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
             bound = lower_bound_bytes(loaded, dtype)
             report["weights"] = {
@@ -332,16 +341,46 @@ def _available_memory() -> int | None:
     return None
 
 
+def resolve_moe_form(moe_form: str, provider: str) -> str:
+    """The experts' graph form for ``--moe-form`` (``auto``: ``fused`` for the CUDA provider, where the branch form's
+    ``NonZero`` per expert would sync the stream, else ``dispatch``, the fastest form on the CPU provider)."""
+    from mone_export.moe_export_forward import MOE_FORMS
+
+    if moe_form == "auto":
+        return "fused" if provider == "cuda" else "dispatch"
+    if moe_form not in MOE_FORMS:
+        raise UsageError(f"--moe-form must be auto, {' or '.join(MOE_FORMS)} (got {moe_form!r}).")
+    return moe_form
+
+
+def _exporter(model, dtype: str, form: str):
+    """Writes ``model``'s export in graph form ``form`` to the path it is given (for the output folder)."""
+    from mone_export.export import export_onnx
+
+    return lambda target: export_onnx(model, target, dtype=dtype, progress=False, moe_form=form)
+
+
 def use_streaming(model, streaming: str) -> bool:
     """Whether a run on ``model`` goes layer by layer (``streaming``: ``on``, ``off`` or ``auto``)."""
     from mone_export.checkpoint import weight_files
-    from mone_export.loading import resolve_model_path
+    from mone_export.loading import PRUNED_MARKER, resolve_model_path
 
     if streaming not in ("on", "off", "auto"):
         raise UsageError(f"--streaming must be on, off or auto (got {streaming!r}).")
-    if streaming != "auto":
-        return streaming == "on"
-    weights = sum(path.stat().st_size for path in weight_files(resolve_model_path(model)))
+    if streaming == "off":
+        return False
+    folder = resolve_model_path(model)
+    if (folder / PRUNED_MARKER).is_file():  # a mone-export prune output: its own loader applies the plan
+        if streaming == "on":
+            raise UsageError(f"{folder} is a pruned checkpoint (mone-export prune); a layer-streamed run reads the "
+                             "original checkpoint: pass it with --plan " + str(folder) + ".")
+        return False
+    if streaming == "on":
+        return True
+    try:
+        weights = sum(path.stat().st_size for path in weight_files(folder))
+    except UsageError:  # the in-memory loader reports a broken checkpoint in its own words
+        return False
     available = _available_memory()
     chosen = available is not None and weights > STREAMING_MEMORY_FRACTION * available
     if chosen:
@@ -349,6 +388,24 @@ def use_streaming(model, streaming: str) -> bool:
                     "it one decoder layer at a time (--streaming off to force an in-memory run)", weights / 1e9,
                     round(100 * STREAMING_MEMORY_FRACTION), available / 1e9)
     return chosen
+
+
+def _unpruned_export_fits(streamed, dtype, folder: Path) -> bool:
+    """Whether the unpruned export of the size and latency comparison can be written (disk) and run by ONNX Runtime
+    (memory); when not, the report compares with the unpruned parameter bytes and times no unpruned model."""
+    import shutil
+
+    from mone_export.streamed_validation import streamed_lower_bound_bytes
+
+    unpruned = streamed_lower_bound_bytes(streamed, None, dtype)
+    free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.cwd()).free
+    available = _available_memory()
+    if unpruned > 0.8 * free or (available is not None and unpruned > 0.8 * available):
+        logger.info("the unpruned export (%.1f GB) would not fit on disk (%.1f GB free) or in memory for ONNX "
+                    "Runtime (%.1f GB available): compared by parameter bytes, no unpruned latency", unpruned / 1e9,
+                    free / 1e9, (available or 0) / 1e9)
+        return False
+    return True
 
 
 def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, calib: CalibrationOptions,
@@ -421,8 +478,9 @@ def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, c
             baseline = None
             if compare_unpruned and plan.num_pruned:
                 with run.stage("export unpruned"):
-                    baseline = scratch.folder("unpruned")
-                    export_onnx_streamed(exporting, baseline, None, progress=progress)
+                    if _unpruned_export_fits(streamed, export_dtype, folder):
+                        baseline = scratch.folder("unpruned")
+                        export_onnx_streamed(exporting, baseline, None, progress=progress)
             report = {
                 "command": "export", "mone_export_version": __version__, **source,
                 "model_type": plan.model["model_type"], "output": str(folder), "onnx": str(folder / MODEL_FILE),

@@ -27,6 +27,24 @@ branch is ``Mul(Cast(expert_mlp(...), float), w_e)`` and a novice's ``C_e`` is a
 
 Routing weights are assumed non-negative (softmax or sigmoid gates, positive scaling): a selected expert with
 weight exactly 0 contributes ``0 · f_e(x) = 0`` and is skipped.
+
+**The fused form** (``form="fused"``, chosen by ``--provider cuda``): the real experts of a layer are one
+``com.microsoft.MoE`` node, which keeps the token dispatch on the device (the branch form's ``NonZero`` per expert is
+a data-dependent shape, i.e. a device-to-host copy and a stream sync on a GPU). The fused op does its own softmax,
+top-k and renormalisation over its ``router_probs``, so it is fed what makes that an identity on the model's own
+routing: with ``W_r = Gather(W, real_ids, axis=1)`` the applied weights of the real experts::
+
+    logits = Where(Greater(W_r, 0), Log(W_r), -1e4)     # softmax(logits) = W_r / Σ W_r; unselected -> exactly 0
+    moe    = MoE(x, logits, fc1, fc2, k=min(k, E_r), normalize_routing_weights=1,
+                 activation_type="swiglu", swiglu_fusion=1, activation_alpha=1, activation_beta=0)
+    acc    = Mul(Cast(moe, float), ReduceSum(W_r, axes=[1]))          # undo the renormalisation
+
+The top-k of the op picks exactly the real experts the model's router selected (their logits are finite, the others
+-1e4, whose softmax weight is 0 in float16 and float32), so the router still selects over all E experts, a token that
+selected a novice gets g_e·C_e (the novice branches follow, in the canonical form above, and the graph passes fold
+them into the bias node), and no token is re-routed to another real expert. ``fc1 [E_r, 2I, H]`` holds each expert's
+gate and up rows interleaved (row 2j = gate j, row 2j+1 = up j: the op's fused SwiGLU layout), ``fc2 = down_proj``.
+It needs SiLU-gated experts without biases (every supported family).
 """
 
 from __future__ import annotations
@@ -40,8 +58,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from mone_export.adapters import get_adapter
+from mone_export.errors import UsageError
 
-__all__ = ["accumulation_dtype", "canonical_dispatch", "expert_mlp", "export_friendly_moe", "export_forward_for"]
+__all__ = [
+    "MOE_FORMS",
+    "accumulation_dtype",
+    "canonical_dispatch",
+    "expert_mlp",
+    "export_friendly_moe",
+    "export_forward_for",
+    "fused_dispatch",
+    "interleave_gate_up",
+]
+
+#: Graph forms of the routed experts: one branch per expert (CPU) or one fused ``com.microsoft.MoE`` node (GPU).
+MOE_FORMS = ("dispatch", "fused")
+
+#: The router logit given to an unselected real expert in the fused form: its softmax weight is exactly 0.
+UNSELECTED_LOGIT = -1.0e4
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -144,6 +178,116 @@ def expert_mlp(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch.Ten
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[slot])
 
 
+class _FusedRealExperts(torch.autograd.Function):
+    """Σ_e (w_e / Σ w) · f_e(x) over the real experts, exported as one ``com.microsoft.MoE`` node (module docstring).
+
+    ``weights [T, E_r]`` are the applied routing weights of the real experts (zero where not selected), ``fc1``
+    ``[E_r, 2I, H]`` interleaved gate/up rows, ``fc2 [E_r, H, I]``. The eager forward computes what the op computes:
+    the renormalised weighted sum (zero for a token that selected no real expert).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weights, fc1, fc2, top_k):
+        total = weights.sum(dim=1, keepdim=True)
+        share = torch.where(total > 0, weights / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+        out = torch.zeros(hidden.shape, dtype=weights.dtype, device=hidden.device)
+        for slot in range(fc1.shape[0]):
+            token = torch.nonzero(share[:, slot] > 0)[:, 0]
+            if token.numel():
+                gate_up = F.linear(hidden[token], fc1[slot])
+                f_e = F.linear(F.silu(gate_up[:, 0::2]) * gate_up[:, 1::2], fc2[slot])
+                out.index_add_(0, token, f_e.to(out.dtype) * share[token, slot, None])
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    def symbolic(g, hidden, weights, fc1, fc2, top_k):
+        from torch.onnx._internal.torchscript_exporter import _type_utils
+
+        scalar = _type_utils.JitScalarType.from_value(weights)
+        zero = g.op("Constant", value_t=torch.tensor(0.0, dtype=scalar.dtype()))
+        floor = g.op("Constant", value_t=torch.tensor(UNSELECTED_LOGIT, dtype=scalar.dtype()))
+        logits = g.op("Where", g.op("Greater", weights, zero), g.op("Log", weights), floor)
+        hidden_type = _type_utils.JitScalarType.from_value(hidden)
+        if hidden_type != scalar:
+            logits = g.op("Cast", logits, to_i=hidden_type.onnx_type())
+        none = g.op("prim::Constant")  # an absent optional input (fc1_experts_bias): an empty name in the graph
+        none.setType(torch._C.OptionalType.ofTensor())
+        moe = g.op("com.microsoft::MoE", hidden, logits, fc1, none, fc2, k_i=top_k, normalize_routing_weights_i=1,
+                   activation_type_s="swiglu", swiglu_fusion_i=1, activation_alpha_f=1.0, activation_beta_f=0.0)
+        moe.setType(hidden.type())  # the output is shaped and typed as the input (no exporter shape inference)
+        return moe
+
+
+def interleave_gate_up(gate_up_proj: torch.Tensor) -> torch.Tensor:
+    """``[E, 2I, H]`` with gate rows then up rows -> rows interleaved (2j = gate j, 2j+1 = up j), the fused op's
+    SwiGLU layout (``swiglu_fusion=1``)."""
+    experts, rows, hidden = gate_up_proj.shape
+    return gate_up_proj.reshape(experts, 2, rows // 2, hidden).transpose(1, 2).reshape(experts, rows, hidden)
+
+
+def fused_dispatch(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    experts: nn.Module,
+    real_ids: list[int],
+    novices: Mapping[int, torch.Tensor],
+) -> torch.Tensor:
+    """The fused form of :func:`canonical_dispatch`: the real experts as one fused MoE op, novices as branches.
+
+    ``experts`` holds the real experts' fused weights in ``real_ids`` order (``gate_up_proj [E_r, 2I, H]``,
+    ``down_proj [E_r, H, I]``, SiLU-gated); ``novices`` maps the other expert indices to their constant outputs.
+    """
+    if set(real_ids) & set(novices) or len(real_ids) + len(novices) != num_experts:
+        raise ValueError(f"experts {sorted(set(range(num_experts)) - set(real_ids) - set(novices))} must be either "
+                         "real or novice (exactly one).")
+    dtype = hidden_states.dtype
+    acc_dtype = accumulation_dtype(dtype)
+    weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
+    weights = weights.scatter(1, top_k_index, top_k_weights)
+    if weights.dtype != acc_dtype:
+        weights = weights.to(acc_dtype)
+    if real_ids:
+        real = weights if list(real_ids) == list(range(num_experts)) else weights[:, torch.tensor(real_ids)]
+        fc1 = interleave_gate_up(experts.gate_up_proj.detach())
+        top_k = min(int(top_k_index.shape[1]), len(real_ids))
+        moe = _FusedRealExperts.apply(hidden_states, real, fc1, experts.down_proj.detach(), top_k)
+        acc = (moe if moe.dtype == acc_dtype else moe.to(acc_dtype)) * real.sum(dim=1, keepdim=True)
+    else:
+        acc = torch.zeros(hidden_states.shape, dtype=acc_dtype, device=hidden_states.device)
+    zero = torch.zeros((), dtype=acc_dtype, device=hidden_states.device)
+    for expert in sorted(novices):
+        column = weights[:, expert]
+        idx, token = _TokensOf.apply(column, zero)
+        constant = novices[expert]
+        update = column[token].unsqueeze(1) * (constant if constant.dtype == acc_dtype else constant.to(acc_dtype))
+        acc = _ScatterAdd.apply(acc, idx, update)
+    return acc if acc.dtype == dtype else acc.to(dtype)
+
+
+def _check_fusable(experts: nn.Module) -> None:
+    """The fused op computes SiLU-gated experts without biases; anything else keeps the branch form."""
+    act = getattr(experts, "act_fn", None)
+    silu = isinstance(act, nn.SiLU) or getattr(act, "__name__", None) == "silu" or type(act).__name__ == "SiLUActivation"
+    biased = any(getattr(experts, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias"))
+    if not silu or biased:
+        raise UsageError(f"{type(experts).__name__}: the fused MoE graph form needs SiLU-gated experts without biases "
+                         f"(this one has {type(act).__name__}{', biases' if biased else ''}); export with the branch "
+                         "form (--moe-form dispatch).")
+
+
+def _fused_stock_forward(self, hidden_states, top_k_index, top_k_weights):
+    num_experts = int(self.gate_up_proj.shape[0])
+    return fused_dispatch(hidden_states, top_k_index, top_k_weights, num_experts, self, list(range(num_experts)), {})
+
+
+def _fused_novice_forward(self, hidden_states, top_k_index, top_k_weights):
+    novices = {e: self.novice_means[row] for row, e in enumerate(self.novice_ids)}
+    return fused_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, self, list(self.real_ids),
+                          novices)
+
+
 def _stock_forward(self, hidden_states, top_k_index, top_k_weights):
     num_experts = int(self.gate_up_proj.shape[0])
     real = {e: (lambda x, e=e: expert_mlp(self, e, x)) for e in range(num_experts)}
@@ -156,18 +300,25 @@ def _novice_forward(self, hidden_states, top_k_index, top_k_weights):
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, real, novices)
 
 
-def export_forward_for(experts: nn.Module):
-    """The canonical-dispatch forward for one experts module (stock fused experts or ``NoviceExperts``)."""
-    if getattr(experts, "is_pruned", False) and hasattr(experts, "novice_ids"):
-        return types.MethodType(_novice_forward, experts)
+def export_forward_for(experts: nn.Module, form: str = "dispatch"):
+    """The export forward for one experts module (stock fused experts or ``NoviceExperts``) in graph form ``form``
+    (:data:`MOE_FORMS`)."""
+    if form not in MOE_FORMS:
+        raise UsageError(f"unknown MoE graph form {form!r}; choose one of: {', '.join(MOE_FORMS)}.")
+    if form == "fused":
+        _check_fusable(experts)
+    novice = getattr(experts, "is_pruned", False) and hasattr(experts, "novice_ids")
+    if novice:
+        return types.MethodType(_fused_novice_forward if form == "fused" else _novice_forward, experts)
     if hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
-        return types.MethodType(_stock_forward, experts)
+        return types.MethodType(_fused_stock_forward if form == "fused" else _stock_forward, experts)
     raise TypeError(f"{type(experts).__name__} is not a fused experts module (no gate_up_proj/down_proj).")
 
 
 @contextlib.contextmanager
-def export_friendly_moe(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every MoE layer's experts run :func:`canonical_dispatch`; the originals come back on exit.
+def export_friendly_moe(model: nn.Module, form: str = "dispatch") -> Iterator[nn.Module]:
+    """Within the block, every MoE layer's experts run :func:`canonical_dispatch` (``form="dispatch"``) or
+    :func:`fused_dispatch` (``"fused"``); the originals come back on exit.
 
     The swapped forward is an instance attribute shadowing the class forward; on exit (also after an exception)
     it is deleted, or the instance forward that was there before is put back.
@@ -178,7 +329,7 @@ def export_friendly_moe(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             experts = layer.experts
             previous = experts.__dict__.get("forward", _MISSING)
-            experts.forward = export_forward_for(experts)
+            experts.forward = export_forward_for(experts, form)
             patched.append((experts, previous))
         yield model
     finally:

@@ -25,6 +25,8 @@ __all__ = [
     "share_transposed_initializers",
     "name_initializers",
     "dispatch_weight_values",
+    "fused_moe_nodes",
+    "name_fused_expert_weights",
     "name_values",
     "store_float32_as",
     "finalize_model",
@@ -233,25 +235,72 @@ def _probe(data: np.ndarray, width: int = 64) -> bytes:
     return data[:width].tobytes() + data[middle:middle + width].tobytes() + data[-width:].tobytes()
 
 
-def dispatch_weight_values(model: ir.Model) -> list[ir.Value]:
-    """The routing-weight matrices W of the canonical dispatch, in graph order (one per MoE layer).
+def _fused_moe_routing(node: ir.Node) -> ir.Value | None:
+    """W of a fused ``com.microsoft.MoE`` node of the export: ``router_probs = [Cast](Where(Greater(W_r, 0), Log(W_r),
+    c))`` with ``W_r = Gather(W, real_ids, axis=1)``, or W itself when every expert is real."""
+    if node.op_type != "MoE" or node.domain != "com.microsoft" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    where = node.inputs[1].producer()
+    if where is not None and where.op_type == "Cast" and where.inputs[0] is not None:
+        where = where.inputs[0].producer()
+    if where is None or where.op_type != "Where" or where.inputs[1] is None:
+        return None
+    log = where.inputs[1].producer()
+    if log is None or log.op_type != "Log" or log.inputs[0] is None:
+        return None
+    real = log.inputs[0]
+    gather = real.producer()
+    if gather is not None and gather.op_type == "Gather" and gather.attributes.get_int("axis", 0) == 1:
+        return gather.inputs[0]
+    return real
 
-    W is the first input of a ``Gather(W, e, axis=1)`` whose output feeds ``Greater`` → ``NonZero``.
+
+def fused_moe_nodes(model: ir.Model) -> list[ir.Node]:
+    """The fused ``com.microsoft.MoE`` nodes of an export's GPU form (docs/graph.md), in graph order."""
+    return [node for node in model.graph if _fused_moe_routing(node) is not None]
+
+
+def dispatch_weight_values(model: ir.Model) -> list[ir.Value]:
+    """The routing-weight matrices W of the MoE layers, in graph order (one per MoE layer).
+
+    W is the first input of a ``Gather(W, e, axis=1)`` whose output feeds ``Greater`` → ``NonZero`` (the canonical
+    dispatch of a real expert or a novice), or the routing input of a fused ``com.microsoft.MoE`` node (the GPU form).
     """
     found: list[ir.Value] = []
     for node in model.graph:
-        if node.op_type != "NonZero" or node.inputs[0] is None:
-            continue
-        greater = node.inputs[0].producer()
-        if greater is None or greater.op_type != "Greater" or greater.inputs[0] is None:
-            continue
-        gather = greater.inputs[0].producer()
-        if gather is None or gather.op_type != "Gather" or gather.attributes.get_int("axis", 0) != 1:
-            continue
-        weights = gather.inputs[0]
+        weights = _fused_moe_routing(node)
+        if weights is None and node.op_type == "NonZero" and node.inputs[0] is not None:
+            greater = node.inputs[0].producer()
+            if greater is not None and greater.op_type == "Greater" and greater.inputs[0] is not None:
+                gather = greater.inputs[0].producer()
+                if gather is not None and gather.op_type == "Gather" and gather.attributes.get_int("axis", 0) == 1:
+                    weights = gather.inputs[0]
         if weights is not None and all(weights is not w for w in found):
             found.append(weights)
     return found
+
+
+def name_fused_expert_weights(model: ir.Model) -> int:
+    """Name the fused MoE nodes' expert initializers after their layer: ``{block}.experts.gate_up_proj.interleaved``
+    (fc1: the gate/up rows interleaved) and ``{block}.experts.down_proj`` (fc2), where W is named
+    ``model.layers.{i}.{block}.routing_weights``. Only initializers that no other node reads are renamed. Call after
+    the routing weights are named; returns how many initializers were renamed."""
+    graph, renamed = model.graph, 0
+    for node in fused_moe_nodes(model):
+        routing = _fused_moe_routing(node)
+        prefix = routing.name.removesuffix("routing_weights") if routing.name.endswith(".routing_weights") else None
+        if prefix is None:
+            continue
+        for index, leaf in ((2, "experts.gate_up_proj.interleaved"), (4, "experts.down_proj")):
+            value = node.inputs[index] if len(node.inputs) > index else None
+            name = prefix + leaf
+            if value is None or not value.is_initializer() or value.name == name or name in graph.initializers:
+                continue
+            if any(user is not node for user, _ in value.uses()):
+                continue
+            _rename_initializer(graph, value, name)
+            renamed += 1
+    return renamed
 
 
 def name_values(values: list[ir.Value], names: list[str]) -> None:
