@@ -478,6 +478,18 @@ def status(field):
     return None
 
 path, provider, tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def cuda_free():
+    import ctypes
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            runtime = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        return int(free.value) if runtime.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0 else None
+    return None
+
+free_before = cuda_free() if provider == "CUDAExecutionProvider" else None
 rss_before = status("VmRSS:")
 options = ort.SessionOptions()
 options.intra_op_num_threads = threads
@@ -505,6 +517,10 @@ feeds["position_ids"] = np.array([[tokens]], dtype=np.int64)
 session.run(None, feeds)
 result = {"rss_before_session": rss_before, "rss_after_session": rss_session, "peak_rss": status("VmHWM:")}
 result["session_peak_bytes"] = max(0, result["peak_rss"] - rss_before)
+if free_before is not None:
+    free_after = cuda_free()
+    # ORT's arena keeps what it allocated, so after the prefill and the decode step this is the session's peak.
+    result["device_memory_bytes"] = None if free_after is None else free_before - free_after
 if provider == "CUDAExecutionProvider":
     try:
         query = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -534,7 +550,9 @@ def session_memory(path: str | os.PathLike, provider: str = "cpu", tokens: int =
         return {"error": str(exc)}
     how = "VmHWM growth over VmRSS before the session, in a child process"
     if name == "CUDAExecutionProvider":
-        how += "; device_bytes: the child's GPU memory per nvidia-smi (CUDA context included)"
+        how += ("; device_memory_bytes: cudaMemGetInfo's free memory before the session (CUDA context already made) "
+                "minus after the prefill and decode step (ORT's arena keeps its peak); device_bytes: the child's GPU "
+                "memory per nvidia-smi (CUDA context included)")
     return {**result, "method": how}
 
 
@@ -568,8 +586,16 @@ class LatencyRunner:
     reset: Callable[[], Any] | None = None
 
 
-def ort_runner(decoder: OrtDecoder, ids: np.ndarray) -> LatencyRunner:
-    """Prefill of ``ids [1, T]`` and a decode step with a past of T in ONNX Runtime."""
+def ort_runner(decoder: OrtDecoder, ids: np.ndarray, io_binding: bool | None = None) -> LatencyRunner:
+    """Prefill of ``ids [1, T]`` and a decode step with a past of T in ONNX Runtime.
+
+    With ``io_binding`` (default: on the CUDA provider) inputs, outputs and the KV cache stay bound on the device
+    (:func:`mone_export.io_binding.bound_runner`), as a GPU application runs it; otherwise numpy in and out.
+    """
+    if io_binding if io_binding is not None else decoder.provider == "cuda":
+        from mone_export.io_binding import bound_runner
+
+        return bound_runner(decoder, ids)
     tokens = ids.shape[1]
     mask = np.ones((1, tokens), dtype=np.int64)
     positions = np.arange(tokens, dtype=np.int64)[None]
@@ -582,7 +608,11 @@ def ort_runner(decoder: OrtDecoder, ids: np.ndarray) -> LatencyRunner:
 
 
 def torch_runner(model, ids: np.ndarray) -> LatencyRunner:
-    """The PyTorch eager counterpart of :func:`ort_runner` (the model's own forward and ``DynamicCache``)."""
+    """The PyTorch eager counterpart of :func:`ort_runner` (the model's own forward and ``DynamicCache``), on the
+    model's device (a CUDA model is timed with the stream synchronised after every call)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return _cuda_torch_runner(model, ids)
     tokens = ids.shape[1]
     mask = np.ones((1, tokens), dtype=np.int64)
     positions = np.arange(tokens, dtype=np.int64)[None]
@@ -597,6 +627,38 @@ def torch_runner(model, ids: np.ndarray) -> LatencyRunner:
 
     return LatencyRunner(prefill=lambda: _torch_step(model, ids, mask, positions, None),
                          decode=lambda: _torch_step(model, nxt, mask1, pos1, cache), reset=reset)
+
+
+def _cuda_torch_runner(model, ids: np.ndarray) -> LatencyRunner:
+    """:func:`torch_runner` for a model on a CUDA device: inputs on the device, synchronised after every call."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    batch, tokens = ids.shape
+    prompt = torch.as_tensor(ids, device=device)
+    mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    positions = torch.arange(tokens, device=device).expand(batch, tokens)
+    mask1 = torch.ones(batch, tokens + 1, dtype=torch.long, device=device)
+    pos1 = torch.full((batch, 1), tokens, dtype=torch.long, device=device)
+
+    def step(input_ids, attention_mask, position_ids, cache):
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache if cache is not None else DynamicCache(config=model.config), use_cache=True,
+                        return_dict=True)
+        torch.cuda.synchronize(device)
+        return out
+
+    first = step(prompt, mask, positions, None)
+    cache, nxt = first.cache, first.logits[:, -1].argmax(-1, keepdim=True)
+
+    def reset():
+        extra = cache.get_seq_length() - tokens
+        if extra > 0:
+            cache.crop(-extra)
+
+    return LatencyRunner(prefill=lambda: step(prompt, mask, positions, None),
+                         decode=lambda: step(nxt, mask1, pos1, cache), reset=reset)
 
 
 def measure_latencies(runners: dict[str, LatencyRunner], warmup: int = 2, prefill_repeats: int = 5,
@@ -650,7 +712,9 @@ def _latency(decoder: OrtDecoder, model, baseline: Path | None, ids: np.ndarray,
     runners = {"onnx": ort_runner(decoder, ids)}
     if baseline is not None:
         runners["onnx_unpruned"] = ort_runner(OrtDecoder(baseline, provider), ids)
-    runners["pytorch"] = torch_runner(model, ids)
+    on_gpu = provider == "cuda" and torch.cuda.is_available()
+    # On the CUDA provider ONNX Runtime is compared with PyTorch eager on the same GPU, not with the CPU model.
+    runners["pytorch"] = torch_runner(copy.deepcopy(model).to("cuda") if on_gpu else model, ids)
     runs = measure_latencies(runners, warmup, prefill_repeats, decode_repeats)
     del runners
     ratios = {}
@@ -660,6 +724,7 @@ def _latency(decoder: OrtDecoder, model, baseline: Path | None, ids: np.ndarray,
                 ratios[f"{key.split('_')[0]}_onnx_vs_{other}"] = runs["onnx"][key] / runs[other][key]
     return {"prefill_tokens": int(ids.shape[1]), "warmup": warmup, "prefill_repeats": prefill_repeats,
             "decode_repeats": decode_repeats, "threads": _threads(), "ort_spinning": False, "provider": provider,
+            "io_binding": provider == "cuda", "pytorch_device": "cuda" if on_gpu else "cpu",
             **runs,
             "ratios": ratios}
 
