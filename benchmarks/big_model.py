@@ -117,7 +117,7 @@ def measure_pipeline(folder: Path, out: Path, ratio: float, samples: int, seq: i
 
     command = [sys.executable, "-c", "from mone_export.cli import main; raise SystemExit(main())", "--model",
                str(folder), "--ratio", str(ratio), "--streaming", "on", "--calib", "random", "--calib-samples",
-               str(samples), "--seq-len", str(seq), "--batch-size", "1", "-o", str(out), "--overwrite", "--json",
+               str(samples), "--seq-len", str(seq), "-o", str(out), "--overwrite", "--json",
                "--quiet", *([] if validate else ["--no-validate"])]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
