@@ -90,7 +90,10 @@ def time_all(folder: Path, ratio: float, args) -> dict:
     import transformers
 
     from mone_export.export import weight_bytes
-    from mone_export.validate import OrtDecoder, _diff, _torch_step, measure_latencies, ort_runner
+    from mone_export.latency import measure_latencies, ort_runner
+    from mone_export.ort_session import OrtDecoder
+    from mone_export.reference import torch_step
+    from mone_export.validate import logits_diff
 
     torch.set_num_threads(args.threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder / "hf5")).eval()
@@ -99,7 +102,7 @@ def time_all(folder: Path, ratio: float, args) -> dict:
     gen = np.random.default_rng(1)
     ids = gen.integers(0, SHAPE["vocab_size"], size=(1, args.prefill_tokens), dtype=np.int64)
     mask, positions = np.ones_like(ids), np.arange(ids.shape[1])[None]
-    reference, _ = _torch_step(model, ids, mask, positions, None)
+    reference, _ = torch_step(model, ids, mask, positions, None)
     rows, runners, keep = {}, {}, []
     for name, path in exports.items():
         decoder = OrtDecoder(path, "cpu", threads=args.threads)
@@ -109,7 +112,7 @@ def time_all(folder: Path, ratio: float, args) -> dict:
         for node in proto.graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         rows[name] = {"weight_bytes": weight_bytes(decoder.path),
-                      "prefill_max_abs_diff_vs_unpruned_pytorch": _diff(logits, reference)[0],
+                      "prefill_max_abs_diff_vs_unpruned_pytorch": logits_diff(logits, reference)[0],
                       "nodes": len(proto.graph.node), "ScatterND": ops.get("ScatterND", 0),
                       "MatMul": ops.get("MatMul", 0), "ir_version": proto.ir_version}
         runners[name] = ort_runner(decoder, ids)

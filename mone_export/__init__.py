@@ -11,14 +11,24 @@ Python API::
     plan.save("out/plan")
 """
 
-from mone_export.calibration import calibration_batches
-from mone_export.loading import load_model, save_pruned
-from mone_export.novices import apply_plan
-from mone_export.plan import PruningPlan
-from mone_export.scoring import METHODS, SCOPES, plan_pruning
-from mone_export.stats import ExpertStats, collect_stats
+import importlib
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that ``python -m mone_export.memory_probe`` and other light entry points do not
+# pay for torch and transformers.
+_EXPORTS = {
+    "load_model": "mone_export.loading",
+    "save_pruned": "mone_export.loading",
+    "calibration_batches": "mone_export.calibration",
+    "collect_stats": "mone_export.stats",
+    "ExpertStats": "mone_export.stats",
+    "plan_pruning": "mone_export.scoring",
+    "METHODS": "mone_export.scoring",
+    "SCOPES": "mone_export.scoring",
+    "apply_plan": "mone_export.novices",
+    "PruningPlan": "mone_export.plan",
+}
 
 __all__ = [
     "load_model",
@@ -33,3 +43,15 @@ __all__ = [
     "SCOPES",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mone_export' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

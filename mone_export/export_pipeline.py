@@ -29,7 +29,7 @@ from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
 
 __all__ = ["EXPORT_DTYPES", "STREAMING_MEMORY_FRACTION", "check_onnx_file", "export_model", "export_model_streamed",
-           "find_plan_dir", "resolve_output", "use_streaming", "validate_folder"]
+           "find_plan_dir", "resolve_output", "use_streaming", "validate_folder", "ExportOptions", "resolve_moe_form"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,27 +131,48 @@ def check_tolerance(atol: float | None) -> None:
         raise UsageError(f"--atol must be a finite number >= 0 (got {atol}).")
 
 
-def export_model(
-    model: str | os.PathLike,
-    ratio: float | None,
-    output: str | os.PathLike,
-    method: str = "mone",
-    scope: str = "layer",
-    calib: CalibrationOptions = CalibrationOptions(),
-    dtype: str = "fp32",
-    provider: str = "cpu",
-    validate: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-    plan_dir: str | os.PathLike | None = None,
-    *,
-    atol: float | None = None,
-    validation_options: dict | None = None,
-    keep_failed: bool = False,
-    allow_other_weights: bool = False,
-    streaming: str = "auto",
-    moe_form: str = "auto",
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """How :func:`export_model` prunes, writes and checks a model (the CLI's options, as one value)."""
+
+    method: str = "mone"
+    """Scoring and replacement method (see ``mone-export prune``)."""
+    scope: str = "layer"
+    """Experts ranked per layer or globally."""
+    calib: CalibrationOptions = CalibrationOptions()
+    """Calibration data."""
+    dtype: str = "fp32"
+    """``fp32`` or ``fp16`` (``bf16`` only with ``validate=False``)."""
+    provider: str = "cpu"
+    """ONNX Runtime provider of the validation: ``cpu`` or ``cuda``."""
+    moe_form: str = "auto"
+    """Graph form of the routed experts (:func:`resolve_moe_form`): ``dispatch``, ``fused``, or ``auto`` (fused for
+    ``provider="cuda"``)."""
+    validate: bool = True
+    """Check parity, memory and latency (docs/validation.md); for the latency comparison the unpruned model is also
+    exported, into the run's scratch folder."""
+    atol: float | None = None
+    """Absolute logits tolerance (default per dtype, see :data:`mone_export.validate.TOLERANCES`)."""
+    validation_options: dict | None = None
+    """Fields of :class:`mone_export.validate.ValidationOptions` (``decode_steps``, ``new_tokens``, ``latency``, ...)."""
+    keep_failed: bool = False
+    """When the parity check fails, keep the export in ``OUT.failed`` (see :func:`failed_output_path`) for debugging;
+    the output is never replaced by a failed export."""
+    overwrite: bool = False
+    """Replace a previous mone-export output."""
+    allow_other_weights: bool = False
+    """Export a saved plan onto weights other than those it was computed on (refused by default)."""
+    streaming: str = "auto"
+    """``on``: load, calibrate, export and validate one decoder layer at a time (models larger than memory:
+    :func:`export_model_streamed`); ``off``: the whole model in memory; ``auto``: ``on`` when the checkpoint's weights
+    exceed :data:`STREAMING_MEMORY_FRACTION` of the available memory."""
+    progress: bool = True
+    """Progress bars (on a terminal) or one line per finished stage (in logs)."""
+
+
+def export_model(model: str | os.PathLike, ratio: float | None, output: str | os.PathLike,
+                 options: ExportOptions | None = None, *, plan_dir: str | os.PathLike | None = None,
+                 **overrides) -> dict:
     """Prune ``model`` with MoNE (or a baseline) and export it to an ONNX Runtime folder; return the report.
 
     Args:
@@ -160,26 +181,9 @@ def export_model(
             reference). Ignored (may be None) with ``plan_dir``, which brings its own.
         output: the output folder, or ``folder/model.onnx``. It may not overlap the model, the plan or the
             calibration data.
-        method, scope, calib: how to score and select experts (see ``mone-export prune``).
-        dtype: ``fp32`` or ``fp16`` (``bf16`` only with ``validate=False``).
-        provider: ONNX Runtime provider of the validation: ``cpu`` or ``cuda``.
-        validate: check parity, memory and latency (docs/validation.md); for the latency comparison the unpruned
-            model is also exported, into the run's scratch folder.
-        overwrite: replace a previous mone-export output in ``output``.
-        progress: progress bars (on a terminal) or one line per finished stage (in logs).
+        options: how to prune, write and check (:class:`ExportOptions`); ``overrides`` replace single fields, e.g.
+            ``export_model("mixtral", 0.5, "out", dtype="fp16", validate=False)``.
         plan_dir: export from this saved plan (a plan folder, or an output folder with ``plan/``) without calibrating.
-        atol: absolute logits tolerance (default per dtype, see :data:`mone_export.validate.TOLERANCES`).
-        validation_options: extra keyword arguments for :func:`mone_export.validate.validate_export`
-            (``decode_steps``, ``new_tokens``, ``latency``, ``prefill_repeats``, ...).
-        keep_failed: when the parity check fails, keep the export in ``OUT.failed`` (see :func:`failed_output_path`)
-            for debugging; ``output`` is never replaced by a failed export.
-        allow_other_weights: export a saved plan onto weights other than those it was computed on (the plan's
-            fingerprint differs); refused by default.
-        streaming: ``on``: load, calibrate, export and validate one decoder layer at a time (models larger than
-            memory: :func:`export_model_streamed`); ``off``: the whole model in memory; ``auto`` (default): ``on``
-            when the checkpoint's weights exceed :data:`STREAMING_MEMORY_FRACTION` of the available memory.
-        moe_form: graph form of the routed experts (:func:`resolve_moe_form`): ``dispatch``, ``fused``, or ``auto``
-            (fused for ``provider="cuda"``).
 
     Returns:
         The report (also written to ``report.json``/``report.md``).
@@ -203,9 +207,13 @@ def export_model(
     from mone_export.scoring import check_ratio_feasible
     from mone_export.validate import check_provider, raise_for_failures, validate_export
 
+    options = dataclasses.replace(options or ExportOptions(), **overrides)
+    method, scope, calib, provider, validate = (options.method, options.scope, options.calib, options.provider,
+                                                options.validate)
+    atol, progress, overwrite, keep_failed = options.atol, options.progress, options.overwrite, options.keep_failed
     started = time.perf_counter()
     folder = resolve_output(output)
-    dtype = _dtype_name(dtype, validate)
+    dtype = _dtype_name(options.dtype, validate)
     check_tolerance(atol)
     plan_path = find_plan_dir(plan_dir) if plan_dir is not None else None
     inputs = run_inputs(model, plan_path, None if plan_path else calib)
@@ -220,20 +228,18 @@ def export_model(
     if validate:
         check_provider(provider)
     preflight(model, None if plan_path else calib)
-    form = resolve_moe_form(moe_form, provider)
-    if use_streaming(model, streaming):
+    form = resolve_moe_form(options.moe_form, provider)
+    if use_streaming(model, options.streaming):
         if form != "dispatch":
             raise UsageError("the layer-streamed export writes the branch form of the experts only; add "
                              "--moe-form dispatch (or --streaming off where the model fits in memory).")
-        return export_model_streamed(model, ratio, folder, method, scope, calib, dtype, provider, validate,
-                                     overwrite, progress, plan_path, atol=atol, validation_options=validation_options,
-                                     keep_failed=keep_failed, allow_other_weights=allow_other_weights)
+        return export_model_streamed(model, ratio, folder, dataclasses.replace(options, dtype=dtype), plan_path)
     source = _source_record(str(model))
 
     stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
     # The unpruned export only serves the memory and latency comparisons: skip it when both are off.
-    options = validation_options or {}
-    compare_unpruned = validate and (options.get("memory", True) or options.get("latency", True))
+    checks = options.validation_options or {}
+    compare_unpruned = validate and (checks.get("memory", True) or checks.get("latency", True))
     if compare_unpruned:
         stages[2:2] = ["export unpruned"]
     if validate:
@@ -247,7 +253,7 @@ def export_model(
                 check_ratio_feasible(loaded, ratio, method, scope)
         if plan_path is not None:
             with run.stage("load plan"):
-                plan = PruningPlan.load(plan_path, model=loaded, check_weights=not allow_other_weights)
+                plan = PruningPlan.load(plan_path, model=loaded, check_weights=not options.allow_other_weights)
         else:
             with run.stage("calibrate"):
                 plan, _ = calibrate_and_plan(loaded, tokenizer, ratio, method, scope, calib, progress)
@@ -297,7 +303,7 @@ def export_model(
             if validate:
                 with run.stage("validate"):
                     validation = validate_export(tmp, loaded, provider=provider, atol=atol, baseline_dir=baseline,
-                                                 tokenizer=tokenizer, progress=progress, **(validation_options or {}))
+                                                 tokenizer=tokenizer, progress=progress, **checks)
                 validation["onnx"] = report["onnx"]
             report["validation"] = validation
             report["passed"] = None if validation is None else validation["passed"]
@@ -408,10 +414,7 @@ def _unpruned_export_fits(streamed, dtype, folder: Path) -> bool:
     return True
 
 
-def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, calib: CalibrationOptions,
-                          dtype: str, provider: str, validate: bool, overwrite: bool, progress: bool,
-                          plan_path: Path | None, *, atol: float | None = None, validation_options: dict | None = None,
-                          keep_failed: bool = False, allow_other_weights: bool = False) -> dict:
+def export_model_streamed(model, ratio, folder: Path, options: ExportOptions, plan_path: Path | None) -> dict:
     """:func:`export_model` with one decoder layer in memory at a time (docs/method.md, models larger than memory).
 
     Calibration (:func:`mone_export.streaming.collect_stats_streamed`, float32 compute), the export
@@ -439,12 +442,15 @@ def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, c
     from mone_export.streaming import LayerStreamedModel
     from mone_export.validate import raise_for_failures
 
+    method, scope, calib, dtype, provider, validate = (options.method, options.scope, options.calib, options.dtype,
+                                                       options.provider, options.validate)
+    atol, progress, overwrite, keep_failed = options.atol, options.progress, options.overwrite, options.keep_failed
     started = time.perf_counter()
     path = resolve_model_path(model)
     source = _source_record(str(model))
     export_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    options = dict(validation_options or {})
-    compare_unpruned = validate and (options.get("memory", True) or options.get("latency", True))
+    checks = dict(options.validation_options or {})
+    compare_unpruned = validate and (checks.get("memory", True) or checks.get("latency", True))
     stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
     if compare_unpruned:
         stages[2:2] = ["export unpruned"]
@@ -463,7 +469,7 @@ def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, c
                 check_ratio_feasible(streamed.model, ratio, method, scope)
         if plan_path is not None:
             with run.stage("load plan"):
-                if not allow_other_weights:
+                if not options.allow_other_weights:
                     logger.warning("a layer-streamed run checks the plan's shapes, not its experts fingerprint")
                 plan = PruningPlan.load(plan_path, model=streamed.model, check_weights=False)
         else:
@@ -508,7 +514,7 @@ def export_model_streamed(model, ratio, folder: Path, method: str, scope: str, c
                 with run.stage("validate"):
                     known = {f.name for f in dataclasses.fields(StreamedValidationOptions)}
                     chosen = StreamedValidationOptions(provider=provider, atol=atol, baseline_dir=baseline,
-                                                       **{k: v for k, v in options.items() if k in known})
+                                                       **{k: v for k, v in checks.items() if k in known})
                     validation = validate_streamed(tmp, streamed, plan, tokenizer, chosen, progress=progress)
                 validation["onnx"] = report["onnx"]
             report["validation"] = validation

@@ -164,7 +164,7 @@ def _numpy_routing(calls: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple
 def _run_steps(probe, names: dict[int, str], reference, yardstick, prompts: torch.Tensor,
                decode_steps: int) -> list[_Step]:
     """Prefill and ``decode_steps`` greedy steps (float32's choice) of ONNX Runtime, float32 and fp16 PyTorch."""
-    from mone_export.validate import _torch_step
+    from mone_export.reference import torch_step
 
     batch, length = prompts.shape
     ids = prompts.numpy()
@@ -175,8 +175,8 @@ def _run_steps(probe, names: dict[int, str], reference, yardstick, prompts: torc
     with RouterRecorder(reference) as ref_routes, RouterRecorder(yardstick) as half_routes:
         for step in range(decode_steps + 1):
             onnx_logits, past, extras = probe.run(ids, mask, positions, past)
-            ref_logits, ref_cache = _torch_step(reference, ids, mask, positions, ref_cache)
-            half_logits, half_cache = _torch_step(yardstick, ids, mask, positions, half_cache)
+            ref_logits, ref_cache = torch_step(reference, ids, mask, positions, ref_cache)
+            half_logits, half_cache = torch_step(yardstick, ids, mask, positions, half_cache)
             ref_selected, ref_router = _numpy_routing(ref_routes.take())
             half_selected, half_router = _numpy_routing(half_routes.take())
             onnx_selected = {layer: extras[name].reshape(-1, extras[name].shape[-1]) > 0
@@ -330,7 +330,7 @@ def check_half_logits(onnx_path: str | Path, provider: str, reference, yardstick
         ``(rows, summary, failures)``: one row per step (``max_abs_diff`` is ONNX Runtime's error on the compared
         positions, ``tolerance`` the bound), the ``half_precision`` summary of the report, and the failed checks.
     """
-    from mone_export.validate import OrtDecoder
+    from mone_export.ort_session import OrtDecoder
 
     names = routing_outputs(onnx_path)
     probe = OrtDecoder(onnx_path, provider, extra_outputs=list(names.values()))
@@ -409,14 +409,16 @@ def check_half_generation(decoder, reference, yardstick, prompts: torch.Tensor, 
     two tokens within ``bound``) counting as agreement for the rest of that prompt; ONNX Runtime's may not fall below
     PyTorch fp16's. Returns ``(generation summary, failures)``.
     """
-    from mone_export.validate import ParityFailure, _eos_ids, _greedy_ort, _greedy_torch
+    from mone_export.ort_session import greedy_ort
+    from mone_export.reference import eos_ids, greedy_torch
+    from mone_export.validate import ParityFailure
 
-    eos = _eos_ids(reference)
+    eos = eos_ids(reference)
     per_prompt, totals = [], {"onnx": 0, "torch_fp16": 0, "tokens": 0}
     for index, prompt in enumerate(prompts):
-        want, logits = _greedy_torch(reference, prompt, new_tokens, eos)
-        half, _ = _greedy_torch(yardstick, prompt, new_tokens, eos)
-        onnx = _agreement(_greedy_ort(decoder, prompt.numpy(), new_tokens, eos), want, logits, bound)
+        want, logits = greedy_torch(reference, prompt, new_tokens, eos)
+        half, _ = greedy_torch(yardstick, prompt, new_tokens, eos)
+        onnx = _agreement(greedy_ort(decoder, prompt.numpy(), new_tokens, eos), want, logits, bound)
         fp16 = _agreement(half, want, logits, bound)
         totals["onnx"] += onnx["agreeing"]
         totals["torch_fp16"] += fp16["agreeing"]

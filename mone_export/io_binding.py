@@ -27,7 +27,7 @@ DEVICES = {"cpu": "cpu", "cuda": "cuda"}
 
 
 class BoundDecoder:
-    """An :class:`~mone_export.validate.OrtDecoder` run through IO binding on its provider's device.
+    """An :class:`~mone_export.ort_session.OrtDecoder` run through IO binding on its provider's device.
 
     :meth:`step` takes and returns OrtValues for the cache, so a decode loop never copies the cache to the host;
     :meth:`logits` copies only the logits a caller asks for.
@@ -73,9 +73,9 @@ class BoundDecoder:
 
 
 def bound_runner(decoder, ids: np.ndarray):
-    """The IO-binding counterpart of :func:`mone_export.validate.ort_runner`: a prefill of ``ids [B, T]`` and a
+    """The IO-binding counterpart of :func:`mone_export.latency.ort_runner`: a prefill of ``ids [B, T]`` and a
     one-token decode with a past of T, inputs and cache bound on the device (nothing but the ids crosses per step)."""
-    from mone_export.validate import LatencyRunner
+    from mone_export.latency import LatencyRunner
 
     bound = BoundDecoder(decoder)
     batch, tokens = ids.shape

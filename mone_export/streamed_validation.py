@@ -178,8 +178,12 @@ def validate_streamed(onnx_dir: str | os.PathLike, streamed, plan=None, tokenize
     """
     from mone_export.export import weight_bytes
     from mone_export.streaming import streamed_logits
-    from mone_export.validate import (TOLERANCES, WEIGHT_BOUND, OrtDecoder, ParityFailure, make_prompts,
-                                      measure_latencies, ort_runner, session_memory)
+    from mone_export.latency import measure_latencies, ort_runner
+    from mone_export.memory_probe import session_memory
+    from mone_export.ort_session import OrtDecoder
+    from mone_export.prompts import make_prompts
+    from mone_export.reference import eos_ids
+    from mone_export.validate import TOLERANCES, WEIGHT_BOUND, ParityFailure
 
     log = logger.info if progress else logger.debug
     started = time.perf_counter()
@@ -228,7 +232,7 @@ def validate_streamed(onnx_dir: str | os.PathLike, streamed, plan=None, tokenize
         failures += [failure] if failure else []
     report["logits"] = rows
     if options.new_tokens > 0:
-        eos = _eos_ids(streamed.model)
+        eos = eos_ids(streamed.model)
         report["generation"], found = _teacher_forced_generation(tokens[:, :options.new_tokens], reference, length,
                                                                  eos, atol)
         failures += found
@@ -260,18 +264,11 @@ def validate_streamed(onnx_dir: str | os.PathLike, streamed, plan=None, tokenize
     return report
 
 
-def _eos_ids(model) -> set[int]:
-    config = getattr(model, "generation_config", None) or model.config
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 def _ort_latency(decoder, baseline: Path | None, tokenizer, vocab: int, options: StreamedValidationOptions,
                  measure_latencies, ort_runner) -> dict:
     """Medians of the export and of the unpruned export, interleaved; PyTorch eager is not timed here."""
-    from mone_export.validate import OrtDecoder, make_prompts
+    from mone_export.ort_session import OrtDecoder
+    from mone_export.prompts import make_prompts
 
     ids, _ = make_prompts(tokenizer, vocab, num=1, length=options.prefill_tokens, seed=1)
     runners = {"onnx": ort_runner(decoder, ids.numpy())}
