@@ -10,9 +10,11 @@ outside (mone_export.process_memory). Reports per layer count: checkpoint bytes,
 peak RSS and seconds of layer-streamed calibration (and of in-memory calibration with ``--in-memory``, where it
 fits). Writes JSON (``--json``).
 
-With ``--pipeline`` it runs the main command instead, layer-streamed (``mone-export --model DIR --ratio R
---streaming on --calib random ...``: calibrate, prune, export in fp32, validate), and reports the peak RSS of the
-whole run and of each stage, each stage's seconds, the bytes and the validation result:
+With ``--pipeline`` it runs the main command instead, layer-streamed, as two processes: ``mone-export --model DIR
+--ratio R --streaming on --calib random --no-validate ...`` (calibrate, prune, export in fp32), then ``mone-export
+validate OUT --model DIR --streaming on``; it reports each one's peak RSS (process tree, sampled from outside) against
+the issue's bounds (1.5 GB + 4 × the largest layer; plus 1.2 × the exported weight bytes for validation), the
+seconds, the bytes and the validation result:
 
     python benchmarks/big_model.py --mixtral-8x7b --layers 12 --pipeline --ratio 0.875 --samples 8 --seq-len 64
 """
@@ -109,35 +111,43 @@ def measure(folder: Path, mode: str, samples: int, seq: int) -> dict:
             "calibration_seconds": round(float(out.strip().splitlines()[-1]), 2)}
 
 
-def measure_pipeline(folder: Path, out: Path, ratio: float, samples: int, seq: int, validate: bool) -> dict:
-    """The main command, layer-streamed, in a child process: the process tree's peak RSS overall and per stage
-    (stage windows from the report's stage times, laid back from the moment the child exited), each stage's
-    seconds, the bytes, and the validation summary."""
+def _run_tree(command: list[str]) -> tuple[int, dict, int, float]:
+    """Run a ``mone-export`` command in a child process: ``(exit code, its JSON report, the process tree's peak RSS,
+    wall seconds)``."""
     from mone_export.process_memory import TreePeakSampler
 
-    command = [sys.executable, "-c", "from mone_export.cli import main; raise SystemExit(main())", "--model",
-               str(folder), "--ratio", str(ratio), "--streaming", "on", "--calib", "random", "--calib-samples",
-               str(samples), "--seq-len", str(seq), "-o", str(out), "--overwrite", "--json",
-               "--quiet", *([] if validate else ["--no-validate"])]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    with TreePeakSampler(process.pid, interval=0.05, timeline=True) as sampler:
+    process = subprocess.Popen([sys.executable, "-c", "from mone_export.cli import main; raise SystemExit(main())",
+                                *command], stdout=subprocess.PIPE, text=True)
+    with TreePeakSampler(process.pid, interval=0.05) as sampler:
         stdout, _ = process.communicate()
-        ended = time.monotonic()
     if process.returncode not in (0, 1):
-        raise RuntimeError(f"the layer-streamed run on {folder} failed with exit code {process.returncode}")
-    report = json.loads(stdout)
-    stages, end = {}, ended
-    for name, seconds in reversed(list(report["timings"].items())):
-        stages[name] = {"seconds": seconds, "peak_rss_bytes": sampler.peak_between(end - seconds, end)}
-        end -= seconds
-    validation = report.get("validation") or {}
-    return {"exit_code": process.returncode, "wall_seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_bytes": sampler.peak, "stages": dict(reversed(list(stages.items()))),
-            "weights": report["weights"], "passed": report.get("passed"),
-            "logits_max_abs_diff": max((row["max_abs_diff"] for row in validation.get("logits", [])), default=None),
+        raise RuntimeError(f"mone-export {' '.join(command)} failed with exit code {process.returncode}")
+    return process.returncode, json.loads(stdout), sampler.peak, round(time.perf_counter() - started, 1)
+
+
+def measure_pipeline(folder: Path, out: Path, ratio: float, samples: int, seq: int, validate: bool) -> dict:
+    """The main command, layer-streamed, as two child processes whose process trees are sampled from outside:
+    ``export --no-validate`` (load, calibrate, prune, export: the peak that must not grow with the layer count), then
+    ``validate OUT --streaming on`` (ONNX Runtime session + the layer-streamed, teacher-forced PyTorch reference).
+    Returns each one's peak RSS, wall seconds and stage seconds, the bytes, and the validation summary."""
+    code, report, peak, wall = _run_tree([
+        "--model", str(folder), "--ratio", str(ratio), "--streaming", "on", "--calib", "random", "--calib-samples",
+        str(samples), "--seq-len", str(seq), "-o", str(out), "--overwrite", "--no-validate", "--json", "--quiet"])
+    row = {"export": {"exit_code": code, "peak_rss_bytes": peak, "wall_seconds": wall,
+                      "stage_seconds": report["timings"]}, "weights": report["weights"]}
+    if validate:
+        code, report, peak, wall = _run_tree(["validate", str(out), "--model", str(folder), "--streaming", "on",
+                                              "--json", "--quiet"])
+        validation = report.get("validation") or {}
+        row["validate"] = {
+            "exit_code": code, "peak_rss_bytes": peak, "wall_seconds": wall, "passed": report.get("passed"),
+            "seconds_per_check": validation.get("seconds_per_check"),
+            "logits_max_abs_diff": max((r["max_abs_diff"] for r in validation.get("logits", [])), default=None),
             "greedy_identical": (validation.get("generation") or {}).get("identical"),
-            "session_peak_bytes": ((validation.get("memory") or {}).get("session") or {}).get("session_peak_bytes")}
+            "session_peak_bytes": ((validation.get("memory") or {}).get("session") or {}).get("session_peak_bytes"),
+            "latency": {k: v for k, v in (validation.get("latency") or {}).items() if k == "onnx"}}
+    return row
 
 
 def main(argv=None) -> dict:
@@ -178,6 +188,8 @@ def main(argv=None) -> dict:
             row["pipeline"] = measure_pipeline(folder, root / f"out-{layers}", args.ratio, args.samples,
                                                args.seq_len, args.validate)
             row["bound_calibrate_prune_export_bytes"] = int(1.5e9 + 4 * row["largest_layer_bytes"])
+            row["bound_validate_bytes"] = int(row["bound_calibrate_prune_export_bytes"]
+                                              + 1.2 * row["pipeline"]["weights"]["pruned_bytes"])
             rows.append(row)
             print(json.dumps(row))
             continue
@@ -190,11 +202,15 @@ def main(argv=None) -> dict:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.pipeline:
+        print(f"{'layers':>6} {'ckpt GB':>8} {'layer MB':>9} {'export peak MB':>15} {'bound MB':>9} "
+              f"{'export s':>9} {'validate peak MB':>17} {'bound MB':>9} {'validate s':>11} passed")
         for row in rows:
-            stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_bytes'] / 1e6:.0f} MB"
-                               for k, v in row["pipeline"]["stages"].items())
-            print(f"{row['layers']} layers, checkpoint {row['checkpoint_bytes'] / 1e9:.1f} GB: peak "
-                  f"{row['pipeline']['peak_rss_bytes'] / 1e6:.0f} MB; {stages}")
+            run, check = row["pipeline"]["export"], row["pipeline"].get("validate") or {}
+            print(f"{row['layers']:>6} {row['checkpoint_bytes'] / 1e9:>8.1f} {row['largest_layer_bytes'] / 1e6:>9.0f} "
+                  f"{run['peak_rss_bytes'] / 1e6:>15.0f} {row['bound_calibrate_prune_export_bytes'] / 1e6:>9.0f} "
+                  f"{run['wall_seconds']:>9.0f} {check.get('peak_rss_bytes', 0) / 1e6:>17.0f} "
+                  f"{row['bound_validate_bytes'] / 1e6:>9.0f} {check.get('wall_seconds', 0):>11.0f} "
+                  f"{check.get('passed')}")
         return result
     print(f"{'layers':>6} {'ckpt MB':>9} {'layer MB':>9} {'streamed peak MB':>17} {'in-memory peak MB':>18}")
     for row in rows:

@@ -49,26 +49,17 @@ def tree_rss_bytes(pid: int) -> int:
 
 class TreePeakSampler:
     """Context manager sampling :func:`tree_rss_bytes` of ``pid`` every ``interval`` seconds; ``peak`` holds the
-    largest sum seen, and with ``timeline`` every ``(time.monotonic(), bytes)`` sample is kept in ``samples``."""
+    largest sum seen."""
 
-    def __init__(self, pid: int, interval: float = 0.02, timeline: bool = False):
+    def __init__(self, pid: int, interval: float = 0.02):
         self.pid, self.interval, self.peak = pid, interval, 0
-        self.samples: list[tuple[float, int]] = []
-        self._timeline = timeline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = tree_rss_bytes(self.pid)
-            self.peak = max(self.peak, rss)
-            if self._timeline:
-                self.samples.append((time.monotonic(), rss))
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
             time.sleep(self.interval)
-
-    def peak_between(self, start: float, end: float) -> int:
-        """The largest sample taken between two ``time.monotonic()`` instants (needs ``timeline``)."""
-        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
 
     def __enter__(self) -> "TreePeakSampler":
         self._thread.start()
