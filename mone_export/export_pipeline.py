@@ -474,7 +474,8 @@ def export_model_streamed(model, ratio, folder: Path, options: ExportOptions, pl
                 plan = PruningPlan.load(plan_path, model=streamed.model, check_weights=False)
         else:
             with run.stage("calibrate"):
-                plan, _ = calibrate_and_plan(streamed, tokenizer, ratio, method, scope, calib, progress)
+                plan, _ = calibrate_and_plan(streamed, tokenizer, ratio, method, scope, calib, progress,
+                                             scratch=folder.parent if folder.parent.is_dir() else None)
             if not is_primary():
                 return secondary_rank_report("export", plan)
         exporting = streamed if export_dtype == torch.float32 else LayerStreamedModel(path, dtype=export_dtype)

@@ -97,9 +97,10 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 
 def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, calib: CalibrationOptions,
-                       progress: bool = True):
+                       progress: bool = True, scratch=None):
     """Calibrate ``model`` (in memory, or a :class:`~mone_export.streaming.LayerStreamedModel`) on ``calib`` and
-    return ``(plan, stats)``; the model is not changed."""
+    return ``(plan, stats)``; the model is not changed. A layer-streamed calibration spills hidden states that do
+    not fit its memory budget into a folder under ``scratch`` (default: the temporary folder)."""
     from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
 
     check_pruning_options(method, scope, calib)
@@ -111,7 +112,7 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
         init_from_environment()
         stats = collect_stats_distributed(model, list(batches), progress=progress, calibration=info)
     elif isinstance(model, LayerStreamedModel):  # one decoder layer in memory at a time
-        stats = collect_stats_streamed(model, batches, progress=progress, calibration=info)
+        stats = collect_stats_streamed(model, batches, progress=progress, calibration=info, scratch=scratch)
     else:
         stats = collect_stats(model, batches, progress=progress, calibration=info)
     return plan_pruning(stats, ratio, method=method, scope=scope, seed=calib.seed), stats

@@ -219,7 +219,7 @@ def validate_streamed(onnx_dir: str | os.PathLike, streamed, plan=None, tokenize
     del decoder
     gc.collect()
     sequences = torch.cat([ids, torch.from_numpy(tokens[:, :-1]).long()], dim=1)
-    (reference,) = streamed_logits(streamed, [sequences], plan, progress=progress)
+    (reference,) = streamed_logits(streamed, [sequences], plan, progress=progress, scratch=onnx_path.parent.parent)
     length = int(ids.shape[1])
     rows = []
     row, failure = _row("logits at prefill", prefill, reference[:, :length], atol, dtype_name)

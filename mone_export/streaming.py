@@ -14,6 +14,11 @@ embeddings, ...) are captured by running the real forward up to that layer. Then
 every batch through it while the experts' statistics are recorded (the same instrumented experts forward as
 :func:`mone_export.stats.collect_stats`), keep its outputs as the next layer's inputs, release it. Only one
 decoder layer's weights are resident; the statistics are the ones of an in-memory forward over the same batches.
+
+The hidden states handed from layer to layer live in an :class:`ActivationBuffer`: in memory while they fit a
+budget (:data:`ACTIVATION_MEMORY_FRACTION` of the available memory, or ``activation_budget`` bytes), else in files of
+a scratch folder, one per batch, read back when the batch's turn comes (a calibration set far larger than memory
+passes through; the statistics are the same, bit for bit).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import ctypes
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -37,12 +44,101 @@ from mone_export.loading import model_build_options
 from mone_export.progress import progress_bar
 from mone_export.stats import ExpertStats, LayerStats, check_unpruned, recording_experts
 
-__all__ = ["LayerStreamedModel", "PassThroughLayer", "collect_stats_streamed", "only_layer", "return_freed_memory",
-           "streamed_logits"]
+__all__ = ["ACTIVATION_MEMORY_FRACTION", "ActivationBuffer", "LayerStreamedModel", "PassThroughLayer",
+           "collect_stats_streamed", "only_layer", "return_freed_memory", "streamed_logits"]
 
 logger = logging.getLogger(__name__)
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+ACTIVATION_MEMORY_FRACTION = 0.25
+"""Hidden states passed between layers stay in memory while they take at most this share of the available memory."""
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class ActivationBuffer:
+    """The hidden states of every calibration batch between two decoder layers: in memory, or spilled to disk.
+
+    ``expected_bytes`` (all batches' hidden states) above ``budget`` (default :data:`ACTIVATION_MEMORY_FRACTION` of
+    the available memory) puts each batch in its own file in a private folder under ``scratch`` (default: the
+    system's temporary folder), removed by :meth:`close`. :meth:`put` replaces a batch's tensor, :meth:`get` reads it
+    back; a layer reads batch i's input, then writes its output in the same slot, so one slot per batch suffices.
+    """
+
+    def __init__(self, expected_bytes: int, budget: int | None = None, scratch: str | os.PathLike | None = None):
+        if budget is None:
+            available = _available_memory()
+            budget = int(ACTIVATION_MEMORY_FRACTION * available) if available is not None else expected_bytes
+        self.on_disk = expected_bytes > budget
+        self._memory: dict[int, torch.Tensor] = {}
+        self._folder: Path | None = None
+        if self.on_disk:
+            self._folder = Path(tempfile.mkdtemp(prefix=".mone-activations-", dir=scratch))
+            logger.info("hidden states of %.1f GB exceed the %.1f GB activation budget: kept in %s, one file per "
+                        "batch", expected_bytes / 1e9, budget / 1e9, self._folder)
+
+    def put(self, index: int, hidden: torch.Tensor) -> None:
+        """Store batch ``index``'s hidden states (replacing what was there)."""
+        if self._folder is None:
+            self._memory[index] = hidden
+            return
+        path = self._folder / f"{index}.pt"
+        torch.save(hidden.contiguous(), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def get(self, index: int) -> torch.Tensor:
+        """Batch ``index``'s hidden states."""
+        if self._folder is None:
+            return self._memory[index]
+        return torch.load(self._folder / f"{index}.pt", weights_only=True)
+
+    def close(self) -> None:
+        """Drop every stored tensor and the spill folder."""
+        self._memory.clear()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __enter__(self) -> "ActivationBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _hidden_bytes(streamed: "LayerStreamedModel", batches: list[torch.Tensor]) -> int:
+    """Bytes of all batches' hidden states in the compute dtype."""
+    itemsize = torch.empty((), dtype=streamed.dtype).element_size()
+    return sum(int(b.numel()) for b in batches) * int(streamed.model.config.hidden_size) * itemsize
+
+
+def _streamed_hidden_states(streamed: "LayerStreamedModel", batches: list[torch.Tensor], buffer: ActivationBuffer,
+                            desc: str, progress: bool, around_layer) -> list:
+    """Run every batch through every decoder layer, one layer in memory at a time, the hidden states in ``buffer``.
+
+    ``around_layer(index, layer)`` is a context manager entered while layer ``index`` is loaded (recording,
+    pruning). Returns each batch's keyword arguments for its layers (for the epilogue); the last layer's outputs are
+    in ``buffer``.
+    """
+    calls = []
+    for i, batch in enumerate(batches):
+        args, kwargs = _first_layer_inputs(streamed, batch)
+        buffer.put(i, args[0] if args else kwargs.pop("hidden_states"))
+        calls.append((args[1:], kwargs))
+    for index in progress_bar(range(len(streamed.decoder_layers)), desc=desc, unit="layer", enabled=progress):
+        with streamed.loaded_layer(index) as layer, around_layer(index, layer):
+            for i, (args, kwargs) in enumerate(calls):
+                buffer.put(i, _hidden_of(layer(buffer.get(i), *args, **kwargs)))
+    return calls
 
 
 class _StopAtFirstLayer(Exception):
@@ -264,11 +360,14 @@ def _hidden_of(output) -> torch.Tensor:
 
 
 def collect_stats_streamed(streamed: LayerStreamedModel, batches: Iterable[torch.Tensor], progress: bool = True,
-                           calibration: dict | None = None) -> ExpertStats:
+                           calibration: dict | None = None, *, activation_budget: int | None = None,
+                           scratch: str | os.PathLike | None = None) -> ExpertStats:
     """:func:`mone_export.stats.collect_stats` with one decoder layer in memory at a time (module docstring).
 
     The statistics equal an in-memory forward's over the same batches: each layer sees the same inputs and runs
-    the same instrumented experts forward. The experts fingerprint is built layer by layer as they are loaded.
+    the same instrumented experts forward. The experts fingerprint is built layer by layer as they are loaded. The
+    hidden states between layers go to disk under ``scratch`` when they exceed ``activation_budget`` bytes
+    (:class:`ActivationBuffer`).
     """
     batches = list(batches)
     if not batches:
@@ -278,17 +377,18 @@ def collect_stats_streamed(streamed: LayerStreamedModel, batches: Iterable[torch
              for layer in streamed.moe_layers}
     moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
     fingerprint = FingerprintBuilder(streamed.dtype)
-    with torch.inference_mode():
-        inputs = [_first_layer_inputs(streamed, batch) for batch in batches]
-        hidden = [args[0] if args else kwargs.pop("hidden_states") for args, kwargs in inputs]
-        calls = [(args[1:], kwargs) for args, kwargs in inputs]
-        for index in progress_bar(range(len(streamed.decoder_layers)), desc="calibrating (by layer)", unit="layer",
-                                  enabled=progress):
-            with streamed.loaded_layer(index) as layer, _recording_layer(model, moe_by_index, index, stats):
-                if index in moe_by_index:
-                    check_unpruned([moe_by_index[index]])
-                    fingerprint.update(moe_by_index[index])
-                hidden = [_hidden_of(layer(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
+
+    @contextlib.contextmanager
+    def recording(index, layer):
+        with _recording_layer(model, moe_by_index, index, stats):
+            if index in moe_by_index:
+                check_unpruned([moe_by_index[index]])
+                fingerprint.update(moe_by_index[index])
+            yield
+
+    with torch.inference_mode(), ActivationBuffer(_hidden_bytes(streamed, batches), activation_budget,
+                                                  scratch) as buffer:
+        _streamed_hidden_states(streamed, batches, buffer, "calibrating (by layer)", progress, recording)
     tokens = sum(int(b.numel()) for b in batches)
     logger.info("collected expert statistics over %d tokens in %d MoE layers, one layer in memory at a time", tokens,
                 len(stats))
@@ -309,30 +409,33 @@ def _recording_layer(model, moe_by_index, index: int, stats) -> Iterator[None]:
 
 
 def streamed_logits(streamed: LayerStreamedModel, batches: Iterable[torch.Tensor], plan=None,
-                    progress: bool = True, desc: str = "reference logits (by layer)") -> list[torch.Tensor]:
+                    progress: bool = True, desc: str = "reference logits (by layer)", *,
+                    activation_budget: int | None = None,
+                    scratch: str | os.PathLike | None = None) -> list[torch.Tensor]:
     """The model's logits ``[B, S, V]`` for each token batch, one decoder layer in memory at a time.
 
     Each layer is loaded, pruned as ``plan`` says (:func:`mone_export.novices.layer_pruned`; None: unpruned), run
     on every batch's hidden states and released, as in :func:`collect_stats_streamed`. The final norm, LM head and
     whatever the model does after them then run through the model's own forward, with every decoder layer a
-    pass-through that hands on the streamed hidden states. Float32 logits, whatever the compute dtype.
+    pass-through that hands on the streamed hidden states. Float32 logits, whatever the compute dtype. Hidden states
+    beyond ``activation_budget`` bytes go to disk under ``scratch`` (:class:`ActivationBuffer`).
     """
     from mone_export.novices import layer_pruned
 
     batches = list(batches)
-    model = streamed.model
-    layers = streamed.decoder_layers
     moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
-    with torch.inference_mode():
-        inputs = [_first_layer_inputs(streamed, batch) for batch in batches]
-        hidden = [args[0] if args else kwargs.pop("hidden_states") for args, kwargs in inputs]
-        calls = [(args[1:], kwargs) for args, kwargs in inputs]
-        for index in progress_bar(range(len(layers)), desc=desc, unit="layer", enabled=progress):
-            with streamed.loaded_layer(index) as layer, contextlib.ExitStack() as stack:
-                if index in moe_by_index:
-                    stack.enter_context(layer_pruned(streamed.adapter, moe_by_index[index], plan))
-                hidden = [_hidden_of(layer(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
-        return [_logits_from_hidden(streamed, batch, h).float() for batch, h in zip(batches, hidden)]
+
+    @contextlib.contextmanager
+    def pruned(index, layer):
+        with contextlib.ExitStack() as stack:
+            if index in moe_by_index:
+                stack.enter_context(layer_pruned(streamed.adapter, moe_by_index[index], plan))
+            yield
+
+    with torch.inference_mode(), ActivationBuffer(_hidden_bytes(streamed, batches), activation_budget,
+                                                  scratch) as buffer:
+        _streamed_hidden_states(streamed, batches, buffer, desc, progress, pruned)
+        return [_logits_from_hidden(streamed, batch, buffer.get(i)).float() for i, batch in enumerate(batches)]
 
 
 def _logits_from_hidden(streamed: LayerStreamedModel, batch: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -132,3 +132,37 @@ def test_streamed_calibration_peak_memory_does_not_grow_with_the_layer_count(tmp
         layer_bytes = sizes["largest_layer_bytes"]
         peaks[layers] = big_model.measure(folder, "streamed", samples=4, seq=64)["peak_rss_bytes"]
     assert peaks[9] - peaks[3] <= 1.5 * layer_bytes, (peaks, layer_bytes)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_hidden_states_spilled_to_disk_give_the_same_statistics_and_logits(family, tmp_path, monkeypatch):
+    """Over the activation budget the hidden states between layers live in files (one per batch), read back in
+    turn: statistics and streamed logits are bit-identical to the in-memory buffer's, and the files are removed."""
+    from mone_export import streaming
+    from mone_export.streaming import ActivationBuffer, streamed_logits
+
+    folder = tmp_path / family
+    tiny_model(family, seed=1).save_pretrained(folder)
+    batches = tiny_batches(num=3, batch=2, seq=9, seed=2)
+    streamed = LayerStreamedModel(folder)
+    in_memory = collect_stats_streamed(streamed, batches, progress=False, activation_budget=1 << 40)
+    writes = []
+    real_put = ActivationBuffer.put
+
+    def counting_put(self, index, hidden):
+        real_put(self, index, hidden)
+        writes.append((self.on_disk, sorted(p.name for p in self._folder.iterdir()) if self._folder else None))
+
+    monkeypatch.setattr(ActivationBuffer, "put", counting_put)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    on_disk = collect_stats_streamed(streamed, batches, progress=False, activation_budget=0, scratch=scratch)
+    layers = streamed.model.config.num_hidden_layers
+    assert len(writes) == len(batches) * (layers + 1) and all(disk for disk, _ in writes)
+    assert writes[-1][1] == ["0.pt", "1.pt", "2.pt"]  # one file per batch, replaced layer after layer
+    assert_same_stats(in_memory, on_disk)
+    for a, b in zip(streamed_logits(streamed, batches, progress=False, activation_budget=1 << 40),
+                    streamed_logits(streamed, batches, progress=False, activation_budget=0, scratch=scratch)):
+        assert torch.equal(a, b)
+    assert list(scratch.iterdir()) == []  # the spill folders are gone
+    assert streaming.ActivationBuffer(10, budget=None).on_disk is False  # 10 bytes fit any machine's budget
