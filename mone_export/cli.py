@@ -84,6 +84,8 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
     group.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     group.add_argument("--seed", type=int, default=0, help="seed of sampling and the random method (default 0)")
+    group.add_argument("--calib-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="compute dtype of the calibration forward (default fp32); statistics are float64")
 
 
 def calibration_options(args: argparse.Namespace):
@@ -91,7 +93,7 @@ def calibration_options(args: argparse.Namespace):
     from mone_export.pipeline import CalibrationOptions
 
     return CalibrationOptions(source=args.calib_data or args.calib, samples=args.calib_samples,
-                              seq_len=args.seq_len, seed=args.seed)
+                              seq_len=args.seq_len, seed=args.seed, dtype=args.calib_dtype)
 
 
 class PruneCommand(Command):

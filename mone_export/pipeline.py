@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -31,13 +32,16 @@ MAX_SEED = 2**63 - 1
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationOptions:
-    """Which calibration data to run: source (built-in name or .txt/.jsonl path), samples, sequence length, seed."""
+    """Which calibration data to run: source (built-in name or .txt/.jsonl path), samples, sequence length, seed,
+    and the compute dtype of the calibration forward (``fp32``, ``bf16`` or ``fp16``; the statistics are float64
+    whatever it is)."""
 
     source: str = "python-code"
     samples: int = 64
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
+    dtype: str = "fp32"
 
     def check(self) -> None:
         """Reject counts that cannot make a sample, a seed numpy cannot take, and unreadable calibration files."""
@@ -51,6 +55,8 @@ class CalibrationOptions:
             raise UsageError(f"--seq-len must be at least 2 (got {self.seq_len}).")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise UsageError(f"--calib-dtype must be fp32, bf16 or fp16 (got {self.dtype!r}).")
         if self.samples * self.seq_len > MAX_CALIBRATION_TOKENS:
             raise UsageError(f"--calib-samples {self.samples} × --seq-len {self.seq_len} = "
                              f"{self.samples * self.seq_len} calibration tokens is more than the "
@@ -104,10 +110,12 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
     from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
 
     check_pruning_options(method, scope, calib)
+    model = _in_compute_dtype(model, calib.dtype)
     vocab = int(model.config.vocab_size)
     batches = calibration_batches(calib.source, tokenizer, calib.samples, calib.seq_len, seed=calib.seed,
                                   batch_size=calib.batch_size, vocab_size=vocab)
-    info = {**describe_source(calib.source), "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed}
+    info = {**describe_source(calib.source), "samples": calib.samples, "seq_len": calib.seq_len, "seed": calib.seed,
+            "compute_dtype": calib.dtype}
     if is_distributed_launch():  # started by torchrun: this rank calibrates its share, all merge (distributed.py)
         init_from_environment()
         stats = collect_stats_distributed(model, list(batches), progress=progress, calibration=info)
@@ -116,6 +124,26 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
     else:
         stats = collect_stats(model, batches, progress=progress, calibration=info)
     return plan_pruning(stats, ratio, method=method, scope=scope, seed=calib.seed), stats
+
+
+def _in_compute_dtype(model, dtype: str):
+    """``model`` for a calibration forward in ``dtype``: itself when it already computes in it, else a copy (in
+    memory) or the same checkpoint streamed in that dtype (a :class:`~mone_export.streaming.LayerStreamedModel`)."""
+    from mone_export.loading import parse_dtype
+    from mone_export.streaming import LayerStreamedModel
+
+    target = parse_dtype(dtype)
+    if isinstance(model, LayerStreamedModel):
+        return model if model.dtype == target else LayerStreamedModel(model.folder, dtype=target)
+    current = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if current == target:
+        return model
+    logger.info("calibrating a %s copy of the model", dtype)
+    # Parameters only, as loading in that dtype does: buffers such as the rotary inv_freq stay float32.
+    converted = copy.deepcopy(model)
+    for parameter in converted.parameters():
+        parameter.data = parameter.data.to(target)
+    return converted
 
 
 def secondary_rank_report(command: str, plan) -> dict:

@@ -166,3 +166,25 @@ def test_hidden_states_spilled_to_disk_give_the_same_statistics_and_logits(famil
         assert torch.equal(a, b)
     assert list(scratch.iterdir()) == []  # the spill folders are gone
     assert streaming.ActivationBuffer(10, budget=None).on_disk is False  # 10 bytes fit any machine's budget
+
+
+def test_calibration_compute_dtype_is_an_option(tmp_path):
+    """``CalibrationOptions(dtype="bf16")`` calibrates in bf16 whatever the model was loaded in: the statistics of a
+    fp32 model, of the same checkpoint streamed in fp32, and of the model loaded in bf16 are identical."""
+    from mone_export.pipeline import CalibrationOptions, calibrate_and_plan
+
+    calib = CalibrationOptions(source="random", samples=4, seq_len=16, batch_size=2, dtype="bf16")
+    model, tokenizer = load_model("mixtral")
+    plan, in_memory = calibrate_and_plan(model, tokenizer, 0.5, "mone", "layer", calib, progress=False)
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is not converted
+    _, streamed = calibrate_and_plan(LayerStreamedModel(bundled_model_path("mixtral")), tokenizer, 0.5, "mone",
+                                     "layer", calib, progress=False)
+    bf16_model, _ = load_model("mixtral", dtype="bf16")
+    _, native = calibrate_and_plan(bf16_model, tokenizer, 0.5, "mone", "layer", calib, progress=False)
+    assert_same_stats(native, in_memory)
+    assert_same_stats(native, streamed)
+    assert in_memory.calibration["compute_dtype"] == "bf16"
+    _, fp32 = calibrate_and_plan(model, tokenizer, 0.5, "mone", "layer",
+                                 CalibrationOptions(source="random", samples=4, seq_len=16, batch_size=2),
+                                 progress=False)
+    assert not np.array_equal(fp32.layers[0].mean, in_memory.layers[0].mean)  # the option changed the compute
