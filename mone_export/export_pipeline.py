@@ -230,10 +230,8 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
     preflight(model, None if plan_path else calib)
     form = resolve_moe_form(options.moe_form, provider)
     if use_streaming(model, options.streaming):
-        if form != "dispatch":
-            raise UsageError("the layer-streamed export writes the branch form of the experts only; add "
-                             "--moe-form dispatch (or --streaming off where the model fits in memory).")
-        return export_model_streamed(model, ratio, folder, dataclasses.replace(options, dtype=dtype), plan_path)
+        return export_model_streamed(model, ratio, folder, dataclasses.replace(options, dtype=dtype, moe_form=form),
+                                     plan_path)
     source = _source_record(str(model))
 
     stages = ["load", "load plan" if plan_path else "calibrate", "export", "report"]
@@ -445,6 +443,7 @@ def export_model_streamed(model, ratio, folder: Path, options: ExportOptions, pl
     method, scope, calib, dtype, provider, validate = (options.method, options.scope, options.calib, options.dtype,
                                                        options.provider, options.validate)
     atol, progress, overwrite, keep_failed = options.atol, options.progress, options.overwrite, options.keep_failed
+    form = resolve_moe_form(options.moe_form, provider)
     started = time.perf_counter()
     path = resolve_model_path(model)
     source = _source_record(str(model))
@@ -487,11 +486,11 @@ def export_model_streamed(model, ratio, folder: Path, options: ExportOptions, pl
                 with run.stage("export unpruned"):
                     if _unpruned_export_fits(streamed, export_dtype, folder):
                         baseline = scratch.folder("unpruned")
-                        export_onnx_streamed(exporting, baseline, None, progress=progress)
+                        export_onnx_streamed(exporting, baseline, None, progress=progress, moe_form=form)
             report = {
                 "command": "export", "mone_export_version": __version__, **source,
                 "model_type": plan.model["model_type"], "output": str(folder), "onnx": str(folder / MODEL_FILE),
-                "dtype": dtype, "provider": provider, "streaming": True, **plan.summary(),
+                "dtype": dtype, "provider": provider, "moe_form": form, "streaming": True, **plan.summary(),
                 "pruned": {str(k): v for k, v in plan.pruned.items()},
                 "num_experts_per_layer": {str(k): int(v) for k, v in plan.model["num_experts"].items()},
                 "plan_source": str(plan_path) if plan_path else "calibrated", "calibration": plan.calibration,
@@ -499,7 +498,7 @@ def export_model_streamed(model, ratio, folder: Path, options: ExportOptions, pl
             with run.stage("export"):
                 tmp = writing.enter_context(output_folder(
                     exporting.model, tokenizer, lambda target: export_onnx_streamed(exporting, target, plan,
-                                                                                    progress=progress),
+                                                                                    progress=progress, moe_form=form),
                     folder, plan=plan, overwrite=overwrite, dtype=dtype))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
             bound = streamed_lower_bound_bytes(streamed, plan, export_dtype)

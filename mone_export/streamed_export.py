@@ -148,7 +148,8 @@ def _piece_names(index: int, hidden_in: bool, hidden_out: bool, logits: bool) ->
     return _PieceNames(inputs, outputs, axes)
 
 
-def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opset: int) -> None:
+def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opset: int,
+                 moe_form: str = "dispatch") -> None:
     """Trace piece ``index`` (module docstring) of the loaded, pruned ``model`` into ``path`` (or a BytesIO)."""
     from mone_export.export import example_inputs, model_dtype, trace_module_to_onnx
 
@@ -162,7 +163,8 @@ def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opse
     names = _piece_names(index, hidden_in, hidden_out, logits)
     with only_layer(layers, index):
         wrapper = _LayerPiece(model, layers, index, hidden_in, hidden_out, logits)
-        trace_module_to_onnx(model, wrapper, tuple(args), path, opset, names.inputs, names.outputs, names.axes)
+        trace_module_to_onnx(model, wrapper, tuple(args), path, opset, names.inputs, names.outputs, names.axes,
+                             moe_form)
 
 
 # --- structure of values, to match a piece's prologue values with the first piece's -----------------------------
@@ -547,7 +549,7 @@ def _own_tensors(node) -> None:
 
 
 def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opset: int | None = None,
-                         progress: bool = True) -> Path:
+                         progress: bool = True, moe_form: str = "dispatch") -> Path:
     """Export a layer-streamed model, pruned as ``plan`` says (or unpruned), and return the ``.onnx`` path.
 
     Args:
@@ -558,6 +560,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
         plan: a :class:`~mone_export.plan.PruningPlan` for this model, or None for the unpruned export.
         opset: default-domain opset (default :data:`mone_export.export.DEFAULT_OPSET`).
         progress: a bar per decoder layer on a terminal, log lines otherwise.
+        moe_form: the graph form of the routed experts, as :func:`mone_export.export.export_onnx`'s.
 
     The graph computes what :func:`mone_export.export.export_onnx` of the same model, pruned in memory, computes,
     with the same inputs, outputs and initializer names; only one decoder layer's weights are in memory at a time.
@@ -602,7 +605,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                         routing = [f"model.layers.{index}.{adapter.block_attr}.routing_weights"]
                     raw = Path(tmp) / f"piece{index}" / MODEL_FILE
                     raw.parent.mkdir()
-                    piece = _traced_piece(model, layers, index, raw, opset)
+                    piece = _traced_piece(model, layers, index, raw, opset, moe_form)
                     with only_layer(layers, index):
                         piece = process_traced_graph(piece, model, routing, streamed.dtype)
                 scope = _layer_scope(model, layers, index)
@@ -635,7 +638,8 @@ _IN_MEMORY_PIECE_BYTES = 1536 * 1024**2
 """A piece whose weights are under this is traced into memory, larger ones into a file (a protobuf is < 2 GiB)."""
 
 
-def _traced_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Path, opset: int):
+def _traced_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Path, opset: int,
+                  moe_form: str = "dispatch"):
     """Piece ``index`` traced and read back as an ``onnx_ir`` model: through memory when it is small enough (no
     write and read of a temporary file), else through ``path`` (with external data beside it)."""
     import io
@@ -645,10 +649,10 @@ def _traced_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Pat
 
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
     if resident >= _IN_MEMORY_PIECE_BYTES:
-        _trace_piece(model, layers, index, path, opset)
+        _trace_piece(model, layers, index, path, opset, moe_form)
         return ir.load(path)
     buffer = io.BytesIO()
-    _trace_piece(model, layers, index, buffer, opset)
+    _trace_piece(model, layers, index, buffer, opset, moe_form)
     proto = onnx.ModelProto()
     with buffer.getbuffer() as view:  # parsed in place: no third copy of the piece's weights
         proto.ParseFromString(view)

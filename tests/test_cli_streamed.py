@@ -105,3 +105,20 @@ def test_a_streamed_fp16_export_without_validation_runs_in_ort(sharded_dir, tmp_
 
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[3].type == "tensor(float16)"
+
+
+def test_a_streamed_run_writes_the_fused_gpu_form_and_validates_it(sharded_dir, tmp_path, capsys):
+    """``--streaming on --moe-form fused`` (what ``--provider cuda`` picks): one MoE node per MoE layer, no
+    per-expert NonZero, teacher-forced validation passes on the CPU provider."""
+    import collections
+
+    import onnx
+
+    code, out, _ = run(["--model", sharded_dir, "--ratio", "0.5", "-o", tmp_path / "out", *FAST, "--streaming", "on",
+                        "--moe-form", "fused", "--json", "--quiet"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["moe_form"] == "fused" and report["streaming"] is True and report["passed"] is True
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    assert ops["MoE"] == 2 and ops["NonZero"] == 0  # qwen2_moe tiny: 3 layers, layer 1 dense

@@ -117,6 +117,28 @@ def test_streamed_export_computes_the_whole_model_export(family, variant, tmp_pa
     assert weight_bytes(streamed) == weight_bytes(whole)
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_streamed_fused_form_computes_the_whole_model_fused_export(family, tmp_path):
+    """The GPU form (one com.microsoft.MoE node per layer) streams too: same function, names and bytes."""
+    import collections
+
+    folder = tmp_path / "checkpoint"
+    tiny_model(family).save_pretrained(folder)
+    model, _ = load_model(folder)
+    plan = make_plan(model, family, "mone")
+    pruned, _ = load_model(folder)
+    apply_plan(pruned, plan)
+    whole = export_onnx(pruned, tmp_path / "whole", moe_form="fused", progress=False)
+    streamed = export_onnx_streamed(LayerStreamedModel(folder), tmp_path / "streamed", plan, progress=False,
+                                    moe_form="fused")
+    onnx.checker.check_model(str(streamed), full_check=True)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(streamed), load_external_data=False).graph.node)
+    assert ops["MoE"] == len(moe_layers_or_error(pruned)[1]) and ops["NonZero"] == 0
+    assert_same_graph_function(whole, streamed, model.config.vocab_size)
+    assert initializer_names(streamed) == initializer_names(whole)
+    assert weight_bytes(streamed) == weight_bytes(whole)
+
+
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v2", "qwen2_moe", "olmoe"])
 def test_bundled_models_stream_to_the_whole_model_export(name, tmp_path):
     model, _ = load_model(name)
