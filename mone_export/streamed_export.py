@@ -150,7 +150,7 @@ def _piece_names(index: int, hidden_in: bool, hidden_out: bool, logits: bool) ->
 
 def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opset: int,
                  moe_form: str = "dispatch") -> None:
-    """Trace piece ``index`` (module docstring) of the loaded, pruned ``model`` into ``path`` (or a BytesIO)."""
+    """Trace piece ``index`` (module docstring) of the loaded, pruned ``model`` into the file ``path``."""
     from mone_export.export import example_inputs, model_dtype, trace_module_to_onnx
 
     last = index == len(layers) - 1
@@ -634,30 +634,19 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
     return path
 
 
-_IN_MEMORY_PIECE_BYTES = 1536 * 1024**2
-"""A piece whose weights are under this is traced into memory, larger ones into a file (a protobuf is < 2 GiB)."""
-
-
 def _traced_piece(model: nn.Module, layers: nn.ModuleList, index: int, path: Path, opset: int,
                   moe_form: str = "dispatch"):
-    """Piece ``index`` traced and read back as an ``onnx_ir`` model: through memory when it is small enough (no
-    write and read of a temporary file), else through ``path`` (with external data beside it)."""
-    import io
+    """Piece ``index`` traced into ``path`` and read back as an ``onnx_ir`` model.
 
-    import onnx
+    Through a file, not an in-memory buffer: the exporter's serialised bytes are written and freed before the piece
+    is parsed, so at most three copies of the layer's weights are alive at once (the parameters, the exporter's
+    folded transposes, the serialised piece) instead of four (measured on a 144 MB bf16 layer exported in fp32: a
+    peak of 2274 MB against 2675 MB through memory, for 4 % more time).
+    """
     import onnx_ir as ir
 
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
-    if resident >= _IN_MEMORY_PIECE_BYTES:
-        _trace_piece(model, layers, index, path, opset, moe_form)
-        return ir.load(path)
-    buffer = io.BytesIO()
-    _trace_piece(model, layers, index, buffer, opset, moe_form)
-    proto = onnx.ModelProto()
-    with buffer.getbuffer() as view:  # parsed in place: no third copy of the piece's weights
-        proto.ParseFromString(view)
-    del buffer
-    return ir.from_proto(proto)
+    _trace_piece(model, layers, index, path, opset, moe_form)
+    return ir.load(path)
 
 
 def _remove_tree(folder: Path) -> None:
