@@ -188,3 +188,31 @@ def test_calibration_compute_dtype_is_an_option(tmp_path):
                                  CalibrationOptions(source="random", samples=4, seq_len=16, batch_size=2),
                                  progress=False)
     assert not np.array_equal(fp32.layers[0].mean, in_memory.layers[0].mean)  # the option changed the compute
+
+
+def test_a_bf16_layer_computed_in_fp32_is_loaded_narrow_then_widened_exactly(tmp_path, monkeypatch):
+    """A bf16 checkpoint streamed in fp32 is loaded and fused in bf16, then widened parameter by parameter: the
+    values equal transformers' own fp32 load, and so do the statistics."""
+    folder = tmp_path / "bf16"
+    tiny_model("mixtral", seed=3).to(torch.bfloat16).save_pretrained(folder)
+    model, _ = load_model(folder)  # fp32, loaded whole by transformers
+    streamed = LayerStreamedModel(folder)
+    assert streamed.dtype == torch.float32
+    loads = []
+    real_load = LayerStreamedModel._load_keys
+
+    def spy(self, keys, wanted, dtype=None):
+        loads.append(dtype)
+        return real_load(self, keys, wanted, dtype=dtype)
+
+    monkeypatch.setattr(LayerStreamedModel, "_load_keys", spy)
+    whole = dict(model.named_parameters())
+    for index in range(model.config.num_hidden_layers):
+        with streamed.loaded_layer(index) as layer:
+            for name, parameter in layer.named_parameters():
+                reference = whole[f"model.layers.{index}.{name}"]
+                assert parameter.dtype == torch.float32 and torch.equal(parameter, reference), name
+    assert loads == [torch.bfloat16] * model.config.num_hidden_layers
+    batches = tiny_batches(num=2, batch=2, seq=7)
+    assert_same_stats(collect_stats(model, batches, progress=False),
+                      collect_stats_streamed(LayerStreamedModel(folder), batches, progress=False))
