@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -399,8 +400,14 @@ def trace_module_to_onnx(model: nn.Module, wrapper: nn.Module, args: tuple, path
             )
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as a numpy integer array of the same shape and strides (a view: nothing is copied; bf16
+    has no numpy dtype, its int16 bits do)."""
+    detached = tensor.detach()
+    return detached.view(_INT_OF_SIZE[detached.element_size()]).numpy()
 
 
 def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]]:
@@ -417,15 +424,15 @@ def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]
         shape = tuple(tensor.shape)
         # Transposed layouts first: the exporter folds Linear / expert weights into W.T.
         if tensor.dim() == 2:
-            layouts[name + ".T"] = (shape[::-1], lambda t=tensor: _raw_bytes(t.T))
+            layouts[name + ".T"] = (shape[::-1], lambda t=tensor: _bits(t).T)
         if tensor.dim() <= 2:
-            layouts[name] = (shape, lambda t=tensor: _raw_bytes(t))
+            layouts[name] = (shape, lambda t=tensor: _bits(t))
         if tensor.dim() == 3:
             owner, _, leaf = name.rpartition(".")
             ids = getattr(modules.get(owner), "real_ids", None) or list(range(shape[0]))
             for slot, expert in enumerate(ids[: shape[0]]):
-                layouts[f"{owner}.{expert}.{leaf}.T"] = (shape[:0:-1], lambda t=tensor, s=slot: _raw_bytes(t[s].T))
-                layouts[f"{owner}.{expert}.{leaf}"] = (shape[1:], lambda t=tensor, s=slot: _raw_bytes(t[s]))
+                layouts[f"{owner}.{expert}.{leaf}.T"] = (shape[:0:-1], lambda t=tensor, s=slot: _bits(t)[s].T)
+                layouts[f"{owner}.{expert}.{leaf}"] = (shape[1:], lambda t=tensor, s=slot: _bits(t)[s])
     return layouts
 
 

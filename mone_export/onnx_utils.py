@@ -6,7 +6,6 @@ tensor data unless it has to.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -95,8 +94,8 @@ def share_transposed_initializers(model: ir.Model) -> int:
     The TorchScript exporter folds ``Transpose(W)`` into a new initializer. For a tied ``lm_head`` (the same
     parameter as the token embedding, read by a ``Gather``) that stores the embedding twice. Each ``MatMul(x, B)``
     whose ``B`` initializer equals ``A.T`` for a 2-D initializer ``A`` that is also read untransposed becomes
-    ``Reshape(Gemm(Reshape(x, [-1, K]), A, transB=1), [..., N])``, and ``B`` is dropped. Arrays are compared by
-    digest, each read once.
+    ``Reshape(Gemm(Reshape(x, [-1, K]), A, transB=1), [..., N])``, and ``B`` is dropped. Arrays are compared on
+    views (a probe of a few elements, then every element), never copied or hashed.
 
     Returns the number of rewritten MatMuls.
     """
@@ -105,13 +104,14 @@ def share_transposed_initializers(model: ir.Model) -> int:
     weight_shapes = {tuple(int(d) for d in node.inputs[1].const_value.shape.numpy()) for node in graph
                      if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None
                      and node.inputs[1].is_initializer() and node.inputs[1].const_value is not None}
-    transposed: dict[tuple, ir.Value] = {}  # digest of A.T -> A
+    # A.T as a view, keyed by its shape and a probe of a few elements: compared in full only on a probe match.
+    transposed: dict[tuple, list[tuple[ir.Value, np.ndarray]]] = {}
     for value in graph.initializers.values():
         tensor = value.const_value
         if (tensor is not None and len(tensor.shape) == 2 and _reads_untransposed(value)
                 and tuple(int(d) for d in tensor.shape.numpy())[::-1] in weight_shapes):
-            array = np.ascontiguousarray(tensor.numpy().T)
-            transposed.setdefault(_digest(array.shape, array.tobytes()), value)
+            view = _bit_view(tensor).T
+            transposed.setdefault((view.shape, _probe(view)), []).append((value, view))
     if not transposed:
         return 0
     shapes = {key[0] for key in transposed}
@@ -125,8 +125,10 @@ def share_transposed_initializers(model: ir.Model) -> int:
         shape = tuple(int(d) for d in b.const_value.shape.numpy())
         if shape not in shapes:
             continue
-        match = transposed.get(_digest(shape, b.const_value.tobytes()))
-        if match is None or match is b or match.const_value.dtype != b.const_value.dtype:
+        bits = _bit_view(b.const_value)
+        match = next((a for a, view in transposed.get((shape, _probe(bits)), [])
+                      if a is not b and a.const_value.dtype == b.const_value.dtype and _same_bits(view, bits)), None)
+        if match is None:
             continue
         k, n = shape
         _matmul_to_gemm_transb(graph, node, x, match, k, n)
@@ -166,20 +168,16 @@ def _matmul_to_gemm_transb(graph: ir.Graph, node: ir.Node, x: ir.Value, weight: 
     graph.remove(node, safe=True)
 
 
-def _digest(shape: tuple[int, ...], data: bytes | memoryview | np.ndarray) -> tuple:
-    return (tuple(int(d) for d in shape), hashlib.blake2b(data, digest_size=16).digest())
-
-
 def name_initializers(
-    model: ir.Model, tensors: Mapping[str, tuple[tuple[int, ...], Callable[[], bytes]]], prefix: str = ""
+    model: ir.Model, tensors: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]], prefix: str = ""
 ) -> int:
     """Give initializers the names of the tensors they hold.
 
     Args:
         model: an exported model, renamed in place.
-        tensors: name → (shape, a function returning the tensor's raw little-endian bytes, C order) for every array
-            the graph may hold (a weight, its transpose, an expert's slice), in priority order. Arrays are only built for shapes some anonymous
-            initializer has, one at a time.
+        tensors: name → (shape, a function returning the tensor's bits as a numpy integer array of that shape, a
+            view in any layout) for every array the graph may hold (a weight, its transpose, an expert's slice), in
+            priority order. Only tensors of a shape some anonymous initializer has are looked at, one at a time.
         prefix: initializers named ``prefix + name`` (the export wrapper's module path) lose the prefix.
 
     Anonymous initializers (``onnx::MatMul_123``, the exporter's folded transposes) whose bytes equal one of
@@ -199,21 +197,22 @@ def name_initializers(
             anonymous.setdefault(tuple(int(d) for d in value.const_value.shape.numpy()), []).append(value)
     if not anonymous:
         return renamed
-    # Candidates by shape and a few sampled bytes, then a full comparison: no hash of every weight (measured: the
-    # blake2b digests were 8 of the 17 s spent after the trace of a 640M-parameter model).
+    # Candidates by shape and a few sampled elements, then a full comparison of the bits, all on views: no hash and
+    # no contiguous copy of a weight or of its transpose (measured: building each candidate's bytes was most of the
+    # naming time of a 640M-parameter export).
     by_probe: dict[tuple, list[ir.Value]] = {}
     for shape, values in anonymous.items():
         for value in values:
-            by_probe.setdefault((shape, _probe(_byte_view(value.const_value))), []).append(value)
+            by_probe.setdefault((shape, _probe(_bit_view(value.const_value))), []).append(value)
     remaining = sum(len(values) for values in anonymous.values())
     for name, (shape, make) in tensors.items():
         if remaining == 0:
             break
         if tuple(shape) not in anonymous or name in taken:
             continue
-        data = np.frombuffer(make(), dtype=np.uint8)
+        data = make()
         values = by_probe.get((tuple(shape), _probe(data)), [])
-        match = next((v for v in values if np.array_equal(_byte_view(v.const_value), data)), None)
+        match = next((v for v in values if _same_bits(_bit_view(v.const_value), data)), None)
         if match is not None:
             values.remove(match)
             _rename_initializer(graph, match, name)
@@ -223,16 +222,29 @@ def name_initializers(
     return renamed
 
 
-def _byte_view(tensor) -> np.ndarray:
-    """A tensor's raw bytes as a flat uint8 array (a view where the tensor allows it)."""
-    array = np.ascontiguousarray(tensor.numpy())
-    return array.reshape(-1).view(np.uint8)
+_NUMPY_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def _probe(data: np.ndarray, width: int = 64) -> bytes:
-    """Bytes at the start, the middle and the end: equal tensors have equal probes, most different ones do not."""
-    middle = max(0, data.size // 2 - width // 2)
-    return data[:width].tobytes() + data[middle:middle + width].tobytes() + data[-width:].tobytes()
+def _bit_view(tensor) -> np.ndarray:
+    """An ``onnx_ir`` tensor's bits as a numpy integer array of its shape (a view where the tensor allows it)."""
+    array = np.asarray(tensor.numpy())
+    return array.view(_NUMPY_INT_OF_SIZE[array.dtype.itemsize])
+
+
+def _probe(array: np.ndarray, width: int = 16) -> bytes:
+    """The elements at the start, the middle and the end in row-major order, read from a view in any layout: equal
+    tensors have equal probes, most different ones do not."""
+    size = array.size
+    middle = max(0, size // 2 - width // 2)
+    flat = np.unique(np.concatenate([np.arange(min(width, size)), np.arange(middle, min(middle + width, size)),
+                                     np.arange(max(0, size - width), size)]))
+    return array[np.unravel_index(flat, array.shape)].tobytes() if array.ndim else array.tobytes()
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two integer bit views hold the same values, compared in place (no contiguous copy)."""
+    return a.shape == b.shape and a.dtype.itemsize == b.dtype.itemsize and bool(
+        np.array_equal(a, b.view(a.dtype) if b.dtype != a.dtype else b))
 
 
 def _fused_moe_routing(node: ir.Node) -> ir.Value | None:
