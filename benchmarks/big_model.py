@@ -150,6 +150,19 @@ def measure_pipeline(folder: Path, out: Path, ratio: float, samples: int, seq: i
     return row
 
 
+def _without_paths(argv: list[str], options: tuple[str, ...] = ("--dir", "--json")) -> list[str]:
+    """The arguments minus those naming folders of the machine it ran on (the command recorded in the JSON)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in options)):
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12])
@@ -198,7 +211,8 @@ def main(argv=None) -> dict:
             row["in_memory"] = measure(folder, "in-memory", args.samples, args.seq_len)
         rows.append(row)
         print(json.dumps(row))
-    result = {"command": "python benchmarks/big_model.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
+    result = {"command": "python benchmarks/big_model.py " + " ".join(_without_paths(argv or sys.argv[1:])),
+              "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.pipeline:

@@ -51,7 +51,7 @@ from mone_export.validate import (OrtDecoder, measure_latencies, ort_runner, ses
 
 logger = logging.getLogger("cuda_check")
 
-RESULT: dict = {"command": "python benchmarks/cuda_check.py " + " ".join(sys.argv[1:])}
+RESULT: dict = {}
 
 
 def save(out: Path) -> None:
@@ -333,6 +333,9 @@ def main(argv=None) -> dict:
     logger.setLevel(logging.INFO)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from big_model import _without_paths  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
+    RESULT["command"] = "python benchmarks/cuda_check.py " + " ".join(_without_paths(sys.argv[1:], ("--out", "--work")))
     RESULT["environment"] = environment(args.provider)
     RESULT["device"] = RESULT["environment"].get("device_name", "cpu")
     models = RESULT.setdefault("models", {})

@@ -27,6 +27,7 @@ from typing import Iterator
 
 from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
+from mone_export.process_memory import available_memory_bytes
 
 __all__ = ["EXPORT_DTYPES", "STREAMING_MEMORY_FRACTION", "check_onnx_file", "export_model", "export_model_streamed",
            "find_plan_dir", "resolve_output", "use_streaming", "validate_folder", "ExportOptions", "resolve_moe_form"]
@@ -335,16 +336,6 @@ STREAMING_MEMORY_FRACTION = 0.25
 in-memory run peaks at several times the checkpoint's bytes: the model, the traced graph, ONNX Runtime's session)."""
 
 
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def resolve_moe_form(moe_form: str, provider: str) -> str:
     """The experts' graph form for ``--moe-form`` (``auto``: ``fused`` for the CUDA provider, where the branch form's
     ``NonZero`` per expert would sync the stream, else ``dispatch``, the fastest form on the CPU provider)."""
@@ -385,7 +376,7 @@ def use_streaming(model, streaming: str) -> bool:
         weights = sum(path.stat().st_size for path in weight_files(folder))
     except UsageError:  # the in-memory loader reports a broken checkpoint in its own words
         return False
-    available = _available_memory()
+    available = available_memory_bytes()
     chosen = available is not None and weights > STREAMING_MEMORY_FRACTION * available
     if chosen:
         logger.info("the checkpoint's %.1f GB of weights exceed %d%% of the %.1f GB of available memory: streaming "
@@ -403,7 +394,7 @@ def _unpruned_export_fits(streamed, dtype, folder: Path) -> bool:
 
     unpruned = streamed_lower_bound_bytes(streamed, None, dtype)
     free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.cwd()).free
-    available = _available_memory()
+    available = available_memory_bytes()
     if unpruned > 0.8 * free or (available is not None and unpruned > 0.8 * available):
         logger.info("the unpruned export (%.1f GB) would not fit on disk (%.1f GB free) or in memory for ONNX "
                     "Runtime (%.1f GB available): compared by parameter bytes, no unpruned latency", unpruned / 1e9,

@@ -135,26 +135,40 @@ def canonical_dispatch(
     missing = [e for e in range(num_experts) if (e in real) == (e in novices)]
     if missing:
         raise ValueError(f"experts {missing} must be either real or novice (exactly one).")
-    dtype = hidden_states.dtype
-    acc_dtype = accumulation_dtype(dtype)
-    weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
-    weights = weights.scatter(1, top_k_index, top_k_weights)
-    if weights.dtype != acc_dtype:
-        weights = weights.to(acc_dtype)
-    zero = torch.zeros((), dtype=acc_dtype, device=hidden_states.device)
-    acc = torch.zeros(hidden_states.shape, dtype=acc_dtype, device=hidden_states.device)
+    weights = _dense_routing_weights(hidden_states, top_k_index, top_k_weights, num_experts)
+    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+    acc = torch.zeros(hidden_states.shape, dtype=weights.dtype, device=hidden_states.device)
     for expert in range(num_experts):
-        column = weights[:, expert]
-        idx, token = _TokensOf.apply(column, zero)
-        w = column[token].unsqueeze(1)
         if expert in novices:
-            constant = novices[expert]
-            update = w * (constant if constant.dtype == acc_dtype else constant.to(acc_dtype))
+            acc = _add_novice_branch(acc, weights, expert, zero, novices[expert])
         else:
-            out = real[expert](hidden_states[token])
-            update = (out if out.dtype == acc_dtype else out.to(acc_dtype)) * w
-        acc = _ScatterAdd.apply(acc, idx, update)
-    return acc if acc.dtype == dtype else acc.to(dtype)
+            acc = _add_branch(acc, weights, expert, zero,
+                              lambda token, w, e=expert: _as(real[e](hidden_states[token]), w.dtype) * w)
+    return _as(acc, hidden_states.dtype)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, with no cast traced when it already is."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _dense_routing_weights(hidden_states, top_k_index, top_k_weights, num_experts: int) -> torch.Tensor:
+    """W ``[T, E]``: the applied top-k weights scattered into zeros, in :func:`accumulation_dtype`."""
+    weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
+    return _as(weights.scatter(1, top_k_index, top_k_weights), accumulation_dtype(hidden_states.dtype))
+
+
+def _add_branch(acc, weights, expert: int, zero, update) -> torch.Tensor:
+    """One expert's branch of the canonical dispatch: ``acc`` plus ``update(token, w)`` at the tokens that selected
+    ``expert`` (``token [n]``, their weights ``w [n, 1]``)."""
+    column = weights[:, expert]
+    idx, token = _TokensOf.apply(column, zero)
+    return _ScatterAdd.apply(acc, idx, update(token, column[token].unsqueeze(1)))
+
+
+def _add_novice_branch(acc, weights, expert: int, zero, constant: torch.Tensor) -> torch.Tensor:
+    """A novice's branch: ``w · C_e`` at the tokens that selected it (folded into the bias node by the graph pass)."""
+    return _add_branch(acc, weights, expert, zero, lambda token, w: w * _as(constant, w.dtype))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,8 +196,9 @@ class _FusedRealExperts(torch.autograd.Function):
     """Σ_e (w_e / Σ w) · f_e(x) over the real experts, exported as one ``com.microsoft.MoE`` node (module docstring).
 
     ``weights [T, E_r]`` are the applied routing weights of the real experts (zero where not selected), ``fc1``
-    ``[E_r, 2I, H]`` interleaved gate/up rows, ``fc2 [E_r, H, I]``. The eager forward computes what the op computes:
-    the renormalised weighted sum (zero for a token that selected no real expert).
+    ``[E_r, 2I, H]`` interleaved gate/up rows, ``fc2 [E_r, H, I]``. The eager forward computes what the op computes
+    (its fused SwiGLU on the interleaved rows; a traced Function takes tensors only, so not the experts module): the
+    renormalised weighted sum, zero for a token that selected no real expert.
     """
 
     @staticmethod
@@ -196,7 +211,7 @@ class _FusedRealExperts(torch.autograd.Function):
             if token.numel():
                 gate_up = F.linear(hidden[token], fc1[slot])
                 f_e = F.linear(F.silu(gate_up[:, 0::2]) * gate_up[:, 1::2], fc2[slot])
-                out.index_add_(0, token, f_e.to(out.dtype) * share[token, slot, None])
+                out.index_add_(0, token, _as(f_e, out.dtype) * share[token, slot, None])
         return out.to(hidden.dtype)
 
     @staticmethod
@@ -242,28 +257,19 @@ def fused_dispatch(
     if set(real_ids) & set(novices) or len(real_ids) + len(novices) != num_experts:
         raise ValueError(f"experts {sorted(set(range(num_experts)) - set(real_ids) - set(novices))} must be either "
                          "real or novice (exactly one).")
-    dtype = hidden_states.dtype
-    acc_dtype = accumulation_dtype(dtype)
-    weights = torch.zeros(hidden_states.shape[0], num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
-    weights = weights.scatter(1, top_k_index, top_k_weights)
-    if weights.dtype != acc_dtype:
-        weights = weights.to(acc_dtype)
+    weights = _dense_routing_weights(hidden_states, top_k_index, top_k_weights, num_experts)
     if real_ids:
         real = weights if list(real_ids) == list(range(num_experts)) else weights[:, torch.tensor(real_ids)]
         fc1 = interleave_gate_up(experts.gate_up_proj.detach())
         top_k = min(int(top_k_index.shape[1]), len(real_ids))
         moe = _FusedRealExperts.apply(hidden_states, real, fc1, experts.down_proj.detach(), top_k)
-        acc = (moe if moe.dtype == acc_dtype else moe.to(acc_dtype)) * real.sum(dim=1, keepdim=True)
+        acc = _as(moe, weights.dtype) * real.sum(dim=1, keepdim=True)
     else:
-        acc = torch.zeros(hidden_states.shape, dtype=acc_dtype, device=hidden_states.device)
-    zero = torch.zeros((), dtype=acc_dtype, device=hidden_states.device)
+        acc = torch.zeros(hidden_states.shape, dtype=weights.dtype, device=hidden_states.device)
+    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
     for expert in sorted(novices):
-        column = weights[:, expert]
-        idx, token = _TokensOf.apply(column, zero)
-        constant = novices[expert]
-        update = column[token].unsqueeze(1) * (constant if constant.dtype == acc_dtype else constant.to(acc_dtype))
-        acc = _ScatterAdd.apply(acc, idx, update)
-    return acc if acc.dtype == dtype else acc.to(dtype)
+        acc = _add_novice_branch(acc, weights, expert, zero, novices[expert])
+    return _as(acc, hidden_states.dtype)
 
 
 def _check_fusable(experts: nn.Module) -> None:

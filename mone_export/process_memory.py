@@ -12,9 +12,20 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["TreePeakSampler", "tree_rss_bytes"]
+__all__ = ["TreePeakSampler", "available_memory_bytes", "tree_rss_bytes"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _children(pid: int) -> list[int]:

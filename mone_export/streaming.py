@@ -41,6 +41,7 @@ from mone_export.checkpoint import check_checkpoint_files
 from mone_export.errors import UsageError
 from mone_export.fingerprint import FingerprintBuilder
 from mone_export.loading import model_build_options
+from mone_export.process_memory import available_memory_bytes
 from mone_export.progress import progress_bar
 from mone_export.stats import ExpertStats, LayerStats, check_unpruned, recording_experts
 
@@ -57,16 +58,6 @@ ACTIVATION_MEMORY_FRACTION = 0.25
 """Hidden states passed between layers stay in memory while they take at most this share of the available memory."""
 
 
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class ActivationBuffer:
     """The hidden states of every calibration batch between two decoder layers: in memory, or spilled to disk.
 
@@ -78,7 +69,7 @@ class ActivationBuffer:
 
     def __init__(self, expected_bytes: int, budget: int | None = None, scratch: str | os.PathLike | None = None):
         if budget is None:
-            available = _available_memory()
+            available = available_memory_bytes()
             budget = int(ACTIVATION_MEMORY_FRACTION * available) if available is not None else expected_bytes
         self.on_disk = expected_bytes > budget
         self._memory: dict[int, torch.Tensor] = {}

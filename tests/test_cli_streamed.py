@@ -84,7 +84,7 @@ def test_validate_streams_the_reference_and_passes(both_runs, capsys):
 
 
 def test_auto_streams_a_checkpoint_larger_than_a_quarter_of_the_memory(sharded_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export_pipeline, "_available_memory", lambda: 1000)  # bytes: any checkpoint is "large"
+    monkeypatch.setattr(export_pipeline, "available_memory_bytes", lambda: 1000)  # bytes: any checkpoint is "large"
     code, stdout, _ = run(["--model", sharded_dir, "--ratio", "0.5", "-o", tmp_path / "out", *FAST, "--no-validate",
                            "--json", "--quiet"], capsys)
     assert code == 0 and json.loads(stdout)["streaming"] is True
