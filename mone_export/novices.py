@@ -31,11 +31,13 @@ class NoviceExperts(nn.Module):
     receives ``g_e(x) * novice_means[row(e)]``. Only the real experts' weights are stored
     (``gate_up_proj [E_real, 2I, H]``, ``down_proj [E_real, H, I]``), so a pruned expert's weights are freed.
     Called like the transformers experts module: ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+    ``means_dtype`` is the dtype of the novice means (default: the experts' weights' dtype).
     """
 
     is_pruned = True
 
-    def __init__(self, experts: nn.Module, novice_ids: list[int], novice_means: torch.Tensor):
+    def __init__(self, experts: nn.Module, novice_ids: list[int], novice_means: torch.Tensor,
+                 means_dtype: torch.dtype | None = None):
         super().__init__()
         num_experts = int(experts.gate_up_proj.shape[0])
         novice_set = set(novice_ids)
@@ -46,7 +48,9 @@ class NoviceExperts(nn.Module):
         real = torch.tensor(self.real_ids, dtype=torch.long)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[real].clone(), requires_grad=False)
         self.down_proj = nn.Parameter(experts.down_proj.detach()[real].clone(), requires_grad=False)
-        dtype = experts.gate_up_proj.dtype
+        # The means in the model's compute dtype, even when the weights are still in a narrower storage dtype (a
+        # layer-streamed layer is pruned before it is widened): they come from float64 statistics, not the weights.
+        dtype = means_dtype or experts.gate_up_proj.dtype
         self.register_buffer("novice_means", novice_means.detach().to(dtype).clone().reshape(len(novice_ids), -1))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -68,8 +72,9 @@ class NoviceExperts(nn.Module):
         return f"num_experts={self.num_experts}, real={len(self.real_ids)}, novices={self.novice_ids}"
 
 
-def _apply_novices(layer: MoeLayer, adapter: MoeAdapter, pruned: list[int], vectors: torch.Tensor) -> None:
-    setattr(layer.block, adapter.experts_attr, NoviceExperts(layer.experts, pruned, vectors))
+def _apply_novices(layer: MoeLayer, adapter: MoeAdapter, pruned: list[int], vectors: torch.Tensor,
+                   means_dtype: torch.dtype | None = None) -> None:
+    setattr(layer.block, adapter.experts_attr, NoviceExperts(layer.experts, pruned, vectors, means_dtype))
 
 
 def _check_group_removal(layer: MoeLayer, pruned: list[int]) -> None:
@@ -129,14 +134,22 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 
 @contextlib.contextmanager
-def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None) -> Iterator[MoeLayer]:
-    """Within the block, one loaded MoE layer is pruned as ``plan`` says; exactly what it was comes back on exit.
+def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None, *,
+                 means_dtype: torch.dtype | None = None, release_original: bool = False) -> Iterator[MoeLayer]:
+    """Within the block, one loaded MoE layer is pruned as ``plan`` says; what it was comes back on exit.
 
     The layer-streamed export and validation prune one decoder layer at a time (the others are not in memory):
     this is :func:`apply_plan` for one layer. It yields the layer as pruned (its experts module is a
-    :class:`NoviceExperts` for a novice plan). The original modules and tensors are put back on exit, so the
-    layer can be released and loaded again later. The plan must already have been checked against the model
+    :class:`NoviceExperts` for a novice plan). The plan must already have been checked against the model
     (:meth:`PruningPlan.validate_for`).
+
+    Args:
+        means_dtype: dtype of the novice means (default: the weights'); the compute dtype when the layer is pruned
+            while its weights are still in a narrower storage dtype.
+        release_original: free the pruned experts' weights while the block runs, and put the original modules
+            back on the ``meta`` device on exit (for a layer-streamed layer that is released after the block: only
+            the pruned layer's weights are then in memory). Otherwise the original tensors come back on exit, so
+            the layer can be used unpruned again.
     """
     pruned = [] if plan is None else plan.pruned.get(layer.index, [])
     if not pruned:
@@ -150,8 +163,13 @@ def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None)
         if plan.replacement == "remove":
             _remove_experts(layer, pruned)
         else:
-            _apply_novices(layer, adapter, pruned, plan.novices[layer.index])
+            _apply_novices(layer, adapter, pruned, plan.novices[layer.index], means_dtype)
         experts_now = getattr(block, adapter.experts_attr)
+        if release_original:
+            saved_params = {module: {name: _on_meta(p) for name, p in params.items()}
+                            for module, params in saved_params.items()}
+            if experts_now is not experts:  # replaced, not cut: the original module's weights are unused now
+                experts.to("meta")
         yield MoeLayer(layer.index, block, router, experts_now)
     finally:
         setattr(block, adapter.experts_attr, experts)
@@ -161,3 +179,9 @@ def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None)
         for module, params in saved_params.items():
             module._parameters.clear()
             module._parameters.update(params)
+
+
+def _on_meta(parameter: nn.Parameter | None) -> nn.Parameter | None:
+    if parameter is None:
+        return None
+    return nn.Parameter(parameter.detach().to("meta"), requires_grad=parameter.requires_grad)

@@ -6,7 +6,7 @@ docs/graph.md: inputs, outputs and their names, KV cache, novices as one bias pe
 
 How, per decoder layer ``i``:
 
-1. load it from the checkpoint and prune it as the plan says (:func:`mone_export.novices.layer_pruned`);
+1. load it from the checkpoint and prune it as the plan says (``LayerStreamedModel.loaded_layer(index, plan)``);
 2. trace a *piece*: the model's own forward with every other decoder layer replaced by a pass-through, so the
    graph is the prologue (embedding, attention mask, rotary embeddings), layer ``i`` and, for the first and last
    piece, the epilogue (final norm, LM head). Layer ``i`` sits at its own index, so its node scopes, parameter
@@ -571,7 +571,6 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
     from mone_export import __version__
     from mone_export.export import (DEFAULT_OPSET, MODEL_FILE, eval_mode, input_names, output_names,
                                     process_traced_graph)
-    from mone_export.novices import layer_pruned
     from mone_export.onnx_utils import DATA_SUFFIX
     from mone_export.progress import progress_bar
     from mone_export.streaming import return_freed_memory
@@ -598,10 +597,9 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
     try:
         with eval_mode(model), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
             for index in progress_bar(range(num_layers), desc="exporting (by layer)", unit="layer", enabled=progress):
-                with streamed.loaded_layer(index), contextlib.ExitStack() as stack:
+                with streamed.loaded_layer(index, plan):
                     routing = []
                     if index in moe_by_index:
-                        stack.enter_context(layer_pruned(adapter, moe_by_index[index], plan))
                         routing = [f"model.layers.{index}.{adapter.block_attr}.routing_weights"]
                     raw = Path(tmp) / f"piece{index}" / MODEL_FILE
                     raw.parent.mkdir()

@@ -125,12 +125,12 @@ def _hidden_bytes(streamed: "LayerStreamedModel", batches: list[torch.Tensor]) -
 
 
 def _streamed_hidden_states(streamed: "LayerStreamedModel", batches: list[torch.Tensor], buffer: ActivationBuffer,
-                            desc: str, progress: bool, around_layer) -> list:
+                            desc: str, progress: bool, around_layer=None, plan=None) -> list:
     """Run every batch through every decoder layer, one layer in memory at a time, the hidden states in ``buffer``.
 
-    ``around_layer(index, layer)`` is a context manager entered while layer ``index`` is loaded (recording,
-    pruning). Returns each batch's keyword arguments for its layers (for the epilogue); the last layer's outputs are
-    in ``buffer``.
+    ``around_layer(index, layer)`` is a context manager entered while layer ``index`` is loaded (recording); each
+    layer is pruned as ``plan`` says (:meth:`LayerStreamedModel.loaded_layer`). Returns each batch's keyword
+    arguments for its layers (for the epilogue); the last layer's outputs are in ``buffer``.
     """
     calls = []
     for i, batch in enumerate(batches):
@@ -138,7 +138,8 @@ def _streamed_hidden_states(streamed: "LayerStreamedModel", batches: list[torch.
         buffer.put(i, args[0] if args else kwargs.pop("hidden_states"))
         calls.append((args[1:], kwargs))
     for index in progress_bar(range(len(streamed.decoder_layers)), desc=desc, unit="layer", enabled=progress):
-        with streamed.loaded_layer(index) as layer, around_layer(index, layer):
+        with streamed.loaded_layer(index, plan) as layer, (
+                around_layer(index, layer) if around_layer else contextlib.nullcontext()):
             for i, (args, kwargs) in enumerate(calls):
                 buffer.put(i, _hidden_of(layer(buffer.get(i), *args, **kwargs)))
     return calls
@@ -185,7 +186,7 @@ class LayerStreamedModel:
         return self.adapter.decoder_layers(self.model)
 
     @contextlib.contextmanager
-    def loaded_layer(self, index: int) -> Iterator[nn.Module]:
+    def loaded_layer(self, index: int, plan=None) -> Iterator[nn.Module]:
         """Decoder layer ``index`` with its weights in memory for the block; released (back to ``meta``) after.
 
         A layer stored narrower than the compute dtype (a bf16 checkpoint computed in fp32) is loaded and fused in
@@ -193,6 +194,10 @@ class LayerStreamedModel:
         per-expert tensors and their fused copy at once *in the wide dtype*, twice the layer's fp32 bytes (measured
         on a Mixtral-8x7B layer of 2.9 GB in bf16: the fp32 calibration peaked at 16 GB). Widening is exact, so the
         values are the same as loading in the compute dtype.
+
+        With a :class:`~mone_export.plan.PruningPlan`, the layer is pruned as it says
+        (:func:`mone_export.novices.layer_pruned`) once loaded and before it is widened: the pruned experts' weights
+        are freed and never widened, so only the pruned layer is in memory in the compute dtype.
         """
         layer = self.decoder_layers[index]
         keys = self._keys_by_layer.get(index, [])
@@ -200,13 +205,22 @@ class LayerStreamedModel:
         if storage is not None:
             _replace_parameters(layer, lambda p: torch.empty_like(p, dtype=storage, device="meta"))
         self._load_keys(keys, lambda name: _layer_of(name) == index, dtype=storage)
-        if storage is not None:
-            _replace_parameters(layer, lambda p: p.detach().to(self.dtype))
         try:
-            yield layer
+            with self._pruned(index, plan):
+                if storage is not None:
+                    _replace_parameters(layer, lambda p: p.detach().to(self.dtype))
+                yield layer
         finally:
             layer.to("meta")
             return_freed_memory()
+
+    def _pruned(self, index: int, plan):
+        from mone_export.novices import layer_pruned
+
+        moe_layer = next((layer for layer in self.moe_layers if layer.index == index), None)
+        if plan is None or moe_layer is None:
+            return contextlib.nullcontext()
+        return layer_pruned(self.adapter, moe_layer, plan, means_dtype=self.dtype, release_original=True)
 
     def _narrower_storage_dtype(self, keys: list[str]) -> torch.dtype | None:
         """The one floating dtype the checkpoint stores ``keys`` in, when it is narrower than the compute dtype
@@ -457,21 +471,10 @@ def streamed_logits(streamed: LayerStreamedModel, batches: Iterable[torch.Tensor
     pass-through that hands on the streamed hidden states. Float32 logits, whatever the compute dtype. Hidden states
     beyond ``activation_budget`` bytes go to disk under ``scratch`` (:class:`ActivationBuffer`).
     """
-    from mone_export.novices import layer_pruned
-
     batches = list(batches)
-    moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
-
-    @contextlib.contextmanager
-    def pruned(index, layer):
-        with contextlib.ExitStack() as stack:
-            if index in moe_by_index:
-                stack.enter_context(layer_pruned(streamed.adapter, moe_by_index[index], plan))
-            yield
-
     with torch.inference_mode(), ActivationBuffer(_hidden_bytes(streamed, batches), activation_budget,
                                                   scratch) as buffer:
-        _streamed_hidden_states(streamed, batches, buffer, desc, progress, pruned)
+        _streamed_hidden_states(streamed, batches, buffer, desc, progress, plan=plan)
         return [_logits_from_hidden(streamed, batch, buffer.get(i)).float() for i, batch in enumerate(batches)]
 
 

@@ -172,14 +172,41 @@ def test_fp16_streamed_export_matches_the_fp16_whole_export(tmp_path):
     assert_same_graph_function(whole, streamed, model.config.vocab_size, atol=0.0)
 
 
-def test_a_bf16_checkpoint_exports_to_fp32_and_fp16(tmp_path):
+@pytest.mark.parametrize("variant", ["unpruned", "mone", "remove"])
+def test_a_bf16_checkpoint_exports_to_fp32_and_fp16(variant, tmp_path):
+    """A bf16 layer is pruned before it is widened: the result must still be the fp32 (fp16) model's, pruned, with
+    the novice means in the export dtype, not rounded to bf16."""
     folder = tmp_path / "checkpoint"
     tiny_model("qwen3_moe").to(torch.bfloat16).save_pretrained(folder)
+    plan = make_plan(load_model(folder)[0], "qwen3_moe", variant)
     for dtype in (torch.float32, torch.float16):
-        _, whole, streamed = export_both(folder, None, tmp_path / str(dtype), dtype=dtype)
+        _, whole, streamed = export_both(folder, plan, tmp_path / str(dtype), dtype=dtype)
         assert session(streamed).get_inputs()[3].type == ("tensor(float)" if dtype == torch.float32
                                                           else "tensor(float16)")
         assert_same_graph_function(whole, streamed, 97, atol=0.0)
+
+
+def test_a_streamed_layer_holds_only_its_pruned_weights(tmp_path):
+    """Pruned as it is loaded: while the block runs, the pruned experts' weights are on ``meta`` (freed) and the
+    novices' means are in the compute dtype; after it, the layer is released whole."""
+    from mone_export.novices import NoviceExperts
+
+    folder = tmp_path / "checkpoint"
+    tiny_model("mixtral").to(torch.bfloat16).save_pretrained(folder)
+    plan = make_plan(load_model(folder)[0], "mixtral", "mone")
+    streamed = LayerStreamedModel(folder)
+    moe = streamed.moe_layers[0]
+    original = moe.experts
+    with streamed.loaded_layer(moe.index, plan) as layer:
+        pruned = getattr(moe.block, streamed.adapter.experts_attr)
+        assert isinstance(pruned, NoviceExperts) and len(pruned.novice_ids) == len(plan.pruned[moe.index])
+        assert all(p.is_meta for p in original.parameters())  # the full experts' weights are gone
+        assert all(not p.is_meta and p.dtype == torch.float32 for p in layer.parameters())
+        assert pruned.novice_means.dtype == torch.float32
+        expected = plan.novices[moe.index].to(torch.float32).reshape(len(pruned.novice_ids), -1)
+        assert torch.equal(pruned.novice_means, expected)
+    assert getattr(moe.block, streamed.adapter.experts_attr) is original
+    assert all(p.is_meta for p in layer.parameters())
 
 
 def test_only_one_decoder_layer_is_in_memory_while_exporting(tmp_path, monkeypatch):
@@ -190,10 +217,10 @@ def test_only_one_decoder_layer_is_in_memory_while_exporting(tmp_path, monkeypat
     loaded_counts = []
     original = type(streamed).loaded_layer
 
-    def watching(self, index):
+    def watching(self, index, plan=None):
         loaded_counts.append(sum(not p.is_meta for layer in self.decoder_layers for p in layer.parameters())
                              / sum(1 for _ in self.decoder_layers[index].parameters()))
-        return original(self, index)
+        return original(self, index, plan)
 
     monkeypatch.setattr(type(streamed), "loaded_layer", watching)
     export_onnx_streamed(streamed, tmp_path / "out", progress=False)

@@ -62,10 +62,10 @@ def test_only_one_decoder_layer_is_in_memory_at_a_time(tmp_path):
     resident = []
     original = streamed.loaded_layer
 
-    def watching(index):
+    def watching(index, plan=None):
         resident.append([i for i, layer in enumerate(streamed.decoder_layers)
                          if not next(layer.parameters()).is_meta])
-        return original(index)
+        return original(index, plan)
 
     streamed.loaded_layer = watching
     collect_stats_streamed(streamed, tiny_batches(), progress=False)
