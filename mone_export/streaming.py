@@ -112,10 +112,13 @@ def _replace_parameters(module: nn.Module, make) -> None:
     """Every floating parameter ``p`` of ``module`` replaced by ``Parameter(make(p))``, one at a time (a parameter's
     dtype cannot change in place)."""
     for owner in module.modules():
-        for name, parameter in list(owner.named_parameters(recurse=False)):
+        # By name, so that each old tensor is freed as soon as it is replaced (a list of the parameters would keep
+        # a layer's narrow expert weights alive beside their widened copies).
+        for name in [name for name, _ in owner.named_parameters(recurse=False)]:
+            parameter = getattr(owner, name)
             if parameter.is_floating_point():
                 setattr(owner, name, nn.Parameter(make(parameter), requires_grad=parameter.requires_grad))
-                del parameter
+            del parameter
 
 
 def _hidden_bytes(streamed: "LayerStreamedModel", batches: list[torch.Tensor]) -> int:
@@ -173,6 +176,7 @@ class LayerStreamedModel:
         self.model = model.eval()
         self.adapter, self.moe_layers = moe_layers_or_error(self.model)
         self._keys_by_layer, self._other_keys, self._files = _index_checkpoint(self.folder)
+        self._headers: dict[Path, dict] = {}
         self._materialize_non_persistent_buffers()
         self._load_keys(self._other_keys, lambda name: _layer_of(name) is None)
         if getattr(self.config, "tie_word_embeddings", False):
@@ -225,43 +229,38 @@ class LayerStreamedModel:
     def _narrower_storage_dtype(self, keys: list[str]) -> torch.dtype | None:
         """The one floating dtype the checkpoint stores ``keys`` in, when it is narrower than the compute dtype
         (else None: load straight in the compute dtype)."""
-        from safetensors import safe_open
-
-        stored = set()
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self._files[key], []).append(key)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                stored |= {handle.get_slice(name).get_dtype() for name in names}
-        dtypes = {_SAFETENSORS_DTYPES.get(name) for name in stored}
+        dtypes = {_SAFETENSORS_DTYPES.get(stored.get_dtype()) for stored in self._stored(keys).values()}
         if len(dtypes) != 1 or None in dtypes:
             return None
         (storage,) = dtypes
         narrower = torch.finfo(storage).bits < torch.finfo(self.dtype).bits if self.dtype.is_floating_point else False
         return storage if narrower else None
 
+    def _stored(self, keys: list[str]) -> dict:
+        """``key → StoredTensor``: the checkpoint tensors ``keys``, read from their files when transformers'
+        loader materialises them (file reads, not a memory map: :class:`mone_export.checkpoint.StoredTensor`)."""
+        from mone_export.checkpoint import stored_tensors
+
+        stored = {}
+        for key in keys:
+            path = self._files[key]
+            if path not in self._headers:
+                self._headers[path] = stored_tensors(path)
+            stored[key] = self._headers[path][key]
+        return stored
+
     def _load_keys(self, keys: list[str], wanted, dtype: torch.dtype | None = None) -> None:
         """Load checkpoint tensors ``keys`` through transformers' conversion (in ``dtype``, default the compute
         dtype); every model tensor ``wanted(name)`` selects must be loaded, and nothing unexpected or misshapen may
         come."""
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self._files[key], []).append(key)
-        with contextlib.ExitStack() as stack:
-            state = {}
-            for path, names in by_file.items():
-                handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                state.update({name: handle.get_slice(name) for name in names})
-            config = LoadStateDictConfig(dtype=dtype or self.dtype,
-                                         weight_mapping=get_model_conversion_mapping(self.model))
-            with _transformers_quiet():
-                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        state = self._stored(keys)
+        config = LoadStateDictConfig(dtype=dtype or self.dtype, weight_mapping=get_model_conversion_mapping(self.model))
+        with _transformers_quiet():
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         missing = sorted(k for k in info.missing_keys if wanted(k) and k not in self._tied_keys())
         problems = [("lacks", missing), ("holds unexpected", sorted(info.unexpected_keys)),
                     ("has wrongly shaped", sorted(k if isinstance(k, str) else k[0] for k in info.mismatched_keys))]

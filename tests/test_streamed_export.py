@@ -228,6 +228,34 @@ def test_only_one_decoder_layer_is_in_memory_while_exporting(tmp_path, monkeypat
     assert all(p.is_meta for layer in streamed.decoder_layers for p in layer.parameters())
 
 
+def test_middle_pieces_are_traced_from_the_first_pieces_embeddings(tmp_path, monkeypatch):
+    """A middle piece reads ``inputs_embeds`` (the first piece's embedding output), so only the first and the last
+    piece serialise the embedding table; the stitched graph still computes the whole-model export."""
+    from mone_export import streamed_export
+
+    folder = tmp_path / "checkpoint"
+    model = tiny_model("olmoe", num_hidden_layers=4)
+    model.save_pretrained(folder)
+    table = tuple(model.get_input_embeddings().weight.shape)
+    holds_table = []
+    original = streamed_export._traced_piece
+
+    def recording(*args, **kwargs):
+        piece = original(*args, **kwargs)
+        holds_table.append(any(tuple(v.shape) == table for v in piece.graph.initializers.values()))
+        return piece
+
+    monkeypatch.setattr(streamed_export, "_traced_piece", recording)
+    plan = make_plan(load_model(folder)[0], "olmoe", "mone")
+    pruned, whole, streamed = export_both(folder, plan, tmp_path)
+    assert holds_table == [True, False, False, True]
+    assert_same_graph_function(whole, streamed, model.config.vocab_size)
+    assert initializer_names(streamed) == initializer_names(whole)
+    ops = [n.op_type for n in onnx.load(str(streamed), load_external_data=False).graph.node]
+    assert ops.count("Gather") == [n.op_type for n in onnx.load(str(whole), load_external_data=False).graph.node
+                                   ].count("Gather")  # one embedding lookup, no prologue copied per piece
+
+
 # --- layer-streamed validation (teacher forcing) ----------------------------------------------------------------
 
 
