@@ -162,6 +162,23 @@ def test_streamed_export_is_byte_identical_run_to_run(tmp_path):
     assert (first.parent / data).read_bytes() == (second.parent / data).read_bytes()
 
 
+def test_pieces_traced_through_a_file_give_the_same_bytes(tmp_path, monkeypatch):
+    """Pieces of 1 GiB or more go through a file (protobuf's 2 GiB limit), smaller ones through memory: one export."""
+    from mone_export import streamed_export
+
+    folder = tmp_path / "checkpoint"
+    model = tiny_model("qwen2_moe")  # a shared expert and its gate
+    model.save_pretrained(folder)
+    plan = make_plan(model, "qwen2_moe", "mone")
+    in_memory = export_onnx_streamed(LayerStreamedModel(folder), tmp_path / "a", plan, progress=False)
+    monkeypatch.setattr(streamed_export, "PIECE_BUFFER_LIMIT_BYTES", 0)
+    through_file = export_onnx_streamed(LayerStreamedModel(folder), tmp_path / "b", plan, progress=False)
+    assert in_memory.read_bytes() == through_file.read_bytes()
+    data = "model.onnx.data"
+    assert (in_memory.parent / data).read_bytes() == (through_file.parent / data).read_bytes()
+    assert not [p.name for p in (tmp_path / "b").iterdir() if p.name not in ("model.onnx", data)]  # no piece left
+
+
 def test_fp16_streamed_export_matches_the_fp16_whole_export(tmp_path):
     folder = tmp_path / "checkpoint"
     model = tiny_model("mixtral")
