@@ -8,21 +8,23 @@ How, per decoder layer ``i``:
 
 1. load it from the checkpoint and prune it as the plan says (``LayerStreamedModel.loaded_layer(index, plan)``);
 2. trace a *piece*: the model's own forward with every other decoder layer replaced by a pass-through, so the
-   graph is the prologue (embedding, attention mask, rotary embeddings), layer ``i`` and, for the first and last
-   piece, the epilogue (final norm, LM head). Layer ``i`` sits at its own index, so its node scopes, parameter
-   names, ``past_key_values.{i}`` / ``present.{i}`` names and cache slot are those of the whole-model export. A
-   piece after the first reads its hidden states from a graph input, a piece before the last returns its layer's
-   output;
+   graph is the prologue (embedding, attention mask, rotary embeddings), layer ``i`` and, for the last piece, the
+   epilogue (final norm, LM head). Layer ``i`` sits at its own index, so its node scopes, parameter names,
+   ``past_key_values.{i}`` / ``present.{i}`` names and cache slot are those of the whole-model export. A piece
+   after the first reads its hidden states from a graph input, a piece before the last returns its layer's output;
+   a middle piece starts from ``inputs_embeds`` instead of ``input_ids``, so it holds no embedding table;
 3. run on the piece exactly what the whole-model export runs after its trace (initializer naming, the graph
    passes, half-precision storage: :func:`mone_export.export.process_traced_graph`);
 4. cut out the layer's nodes (the nodes in the layer's TorchScript scope, with the unscoped constants only they
    read), append its weights to ``model.onnx.data`` and release the layer.
 
-The first piece also gives the prologue and the last piece the epilogue. A value the layer reads from the prologue
-(the mask, the rotary ``cos`` / ``sin``) is matched to the first piece's by its structure (the operators, attributes
-and constants that compute it from the graph inputs), not by a name that could differ between traces; a value
-that cannot be matched is an error, never a silent mis-wiring. The graph is then serialised with its weights
-already in place in the external data file, so nothing is copied twice and no piece outlives its layer.
+The first piece also gives the prologue and the last piece the epilogue. A value a later piece reads from its
+prologue (the mask, the rotary ``cos`` / ``sin``) is matched to the first piece's by its structure (the operators,
+attributes and constants that compute it from the graph inputs, a middle piece's ``inputs_embeds`` standing for
+the first piece's embedding output), not by a name that could differ between traces; a value the first piece does
+not compute (one only the epilogue reads) comes from the piece's own prologue, computed from the same graph
+inputs: never a silent mis-wiring. The graph is then serialised with its weights already in place in the external
+data file, so nothing is copied twice and no piece outlives its layer.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def _trace_piece(model: nn.Module, layers: nn.ModuleList, index: int, path, opse
     from mone_export.export import example_inputs, model_dtype, trace_module_to_onnx
 
     last = index == len(layers) - 1
-    hidden_in, hidden_out, logits = index > 0, not last, index == 0 or last
+    hidden_in, hidden_out, logits = index > 0, not last, last
     ids, mask, positions, cache = example_inputs(model)
     gen = torch.Generator().manual_seed(index)
     hidden_size = int(model.config.hidden_size)
@@ -425,6 +427,7 @@ class _Stitcher:
         structure = _Structure({INPUTS_EMBEDS: self._embeds_digests} if self._embeds_digests else None)
         self._piece_outputs = list(graph.outputs)
         self._moved = set()
+        self._piece, self._piece_prologue, self._index = graph, set(cut.prologue), index
         graph.outputs.clear()
         # Every prologue value's digest now, while each initializer it reads is still in memory (an adopted one
         # is queued for the data file and not read back).
@@ -519,10 +522,19 @@ class _Stitcher:
             match = self.prologue_values.get(structure.key(value))
         except _Unmatched as exc:
             raise RuntimeError(f"the stitched export cannot place {value.name}: {exc}") from exc
-        if match is None:
-            raise RuntimeError(f"{value.name}, which a decoder layer reads from the model's prologue, is not "
-                               "computed by the first piece's prologue; export this model in memory.")
-        return match
+        if match is not None:
+            return match
+        producer = value.producer()
+        if producer is None or producer not in self._piece_prologue:
+            raise RuntimeError(f"the stitched export cannot place {value.name}: it is computed neither by the "
+                               "first piece's prologue nor by this piece's")
+        # A prologue value the first piece does not compute (one only the epilogue reads: the first piece has
+        # none): this piece's node comes in, its inputs resolved as any other's, and later readers share it.
+        logger.debug("stitching %s from piece %d's prologue", producer.name, self._index)
+        self._move(self._piece, [producer], structure, self._index, first=False)
+        for output in producer.outputs:
+            self.prologue_values.setdefault(structure.key(output), output)
+        return value
 
     def _adopt_initializer(self, value):
         import onnx_ir as ir
@@ -658,9 +670,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                         piece = process_traced_graph(piece, model, routing, streamed.dtype)
                 scope = _layer_scope(model, layers, index)
                 last = index == num_layers - 1
-                cut = _cut_piece(piece.graph, scope, with_epilogue=index == 0 or last)
-                if index == 0 and not last:
-                    cut = _Cut(cut.layer, [], cut.prologue)  # its epilogue is the last piece's
+                cut = _cut_piece(piece.graph, scope, with_epilogue=last)
                 stitcher.add_piece(piece.graph, cut, index, first=index == 0, embeddings_scope=embeddings_scope)
                 del piece, cut
                 # A piece is a web of reference cycles (graph, nodes, values): collect it now, not whenever the

@@ -273,6 +273,31 @@ def test_middle_pieces_are_traced_from_the_first_pieces_embeddings(tmp_path, mon
                                    ].count("Gather")  # one embedding lookup, no prologue copied per piece
 
 
+def test_a_prologue_value_the_first_piece_lacks_comes_from_the_piece_itself(tmp_path, monkeypatch):
+    """With nothing matched to the first piece's prologue (as for a value only the last piece's epilogue reads),
+    every later piece brings in its own prologue nodes, computed from the same graph inputs: same function."""
+    from mone_export import streamed_export
+
+    folder = tmp_path / "checkpoint"
+    model = tiny_model("deepseek_v2", num_hidden_layers=3)  # MLA cache unpacking and a dense first layer
+    model.save_pretrained(folder)
+    original = streamed_export._Stitcher.add_piece
+
+    def forgetting(self, graph, cut, index, first, embeddings_scope=None):
+        if not first:
+            self.prologue_values.clear()
+        original(self, graph, cut, index, first, embeddings_scope)
+
+    monkeypatch.setattr(streamed_export._Stitcher, "add_piece", forgetting)
+    plan = make_plan(load_model(folder)[0], "deepseek_v2", "mone")
+    pruned, whole, streamed = export_both(folder, plan, tmp_path)
+    assert_same_graph_function(whole, streamed, model.config.vocab_size)
+    assert initializer_names(streamed) == initializer_names(whole)
+    ops = [n.op_type for n in onnx.load(str(streamed), load_external_data=False).graph.node]
+    whole_ops = [n.op_type for n in onnx.load(str(whole), load_external_data=False).graph.node]
+    assert len(ops) > len(whole_ops)  # the later pieces' own prologue nodes are there
+
+
 # --- layer-streamed validation (teacher forcing) ----------------------------------------------------------------
 
 
