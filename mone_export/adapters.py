@@ -26,6 +26,8 @@ __all__ = [
     "get_adapter",
     "supported_model_types",
     "expert_forward",
+    "intermediate_size",
+    "uses_default_gate",
 ]
 
 
@@ -123,14 +125,56 @@ class MoeAdapter:
         setattr(config, self.num_experts_key, int(num_experts))
 
 
-def expert_forward(experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
-    """f_e: expert ``expert``'s raw output on ``hidden [n, H]``, before its routing weight, from the fused weights.
+def expert_forward(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+    """f_e: the raw output of the expert stored at ``slot`` on ``hidden [n, H]``, before its routing weight.
 
-    Computed with the same operations as transformers' eager experts loop, so that the sum of
-    ``g_e * f_e`` reproduces the block output.
+    The one place the package computes an expert's output (statistics, novices, the exported graph). It follows
+    the layout that transformers' ``use_experts_implementation`` records on the experts module and computes what
+    transformers' own experts implementations compute:
+
+    - gated experts (``has_gate``, the default) project with ``gate_up_proj`` and combine gate and up with the
+      class's ``_apply_gate`` (transformers' default: SiLU-style ``act_fn(gate) * up`` on concatenated halves,
+      split here at the static intermediate size so that it exports as one ``Split``; a family's own gate, such as
+      gpt-oss's clamped SwiGLU on interleaved rows, is called as is); ungated experts use ``up_proj`` and ``act_fn``;
+    - ``is_transposed`` weights are ``[E, in, out]`` (``x @ W``), otherwise ``[E, out, in]`` (``F.linear``);
+    - ``has_bias`` adds ``{gate_up,up,down}_proj_bias[slot]``; ``has_post_expert_norm`` applies
+      ``post_expert_norm`` to the output.
     """
-    gate, up = F.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-    return F.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+    gated = getattr(experts, "has_gate", True)
+    projected = _expert_linear(experts, "gate_up_proj" if gated else "up_proj", slot, hidden)
+    activated = _expert_gate(experts, projected) if gated else experts.act_fn(projected)
+    out = _expert_linear(experts, "down_proj", slot, activated)
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    return out
+
+
+def _expert_linear(experts: nn.Module, name: str, slot: int, x: torch.Tensor) -> torch.Tensor:
+    weight = getattr(experts, name)[slot]
+    out = x @ weight if getattr(experts, "is_transposed", False) else F.linear(x, weight)
+    bias = getattr(experts, f"{name}_bias", None) if getattr(experts, "has_bias", False) else None
+    return out if bias is None else out + bias[slot]
+
+
+def uses_default_gate(experts: nn.Module) -> bool:
+    """Whether the experts combine gate and up as transformers' default does (``act_fn(gate) * up`` on the
+    concatenated halves of ``gate_up_proj``'s output) rather than with a family's own ``_apply_gate``."""
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    return apply_gate is None or getattr(apply_gate, "__name__", "") == "_default_apply_gate"
+
+
+def intermediate_size(experts: nn.Module) -> int:
+    """I, the width of one expert's hidden layer, from ``down_proj``'s static shape."""
+    transposed = getattr(experts, "is_transposed", False)
+    return int(experts.down_proj.shape[-2] if transposed else experts.down_proj.shape[-1])
+
+
+def _expert_gate(experts: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    if not uses_default_gate(experts):
+        return experts._apply_gate(projected)
+    inter = intermediate_size(experts)
+    gate, up = projected.split([inter, inter], dim=-1)
+    return experts.act_fn(gate) * up
 
 
 ADAPTERS: dict[str, MoeAdapter] = {}

@@ -11,7 +11,7 @@ routing weights the model actually applies, ``W [T, E]`` (the router's top-k wei
     idx_e = Transpose(nz_e, perm=[1, 0])                 # [n, 1]
     tok_e = Squeeze(nz_e, axes=[0])                      # [n]
     w_e   = Unsqueeze(Gather(col_e, tok_e, axis=0), axes=[1])
-    real expert:  upd_e = Mul(expert_mlp(Gather(x, tok_e, axis=0)), w_e)
+    real expert:  upd_e = Mul(f_e(Gather(x, tok_e, axis=0)), w_e)
     novice:       upd_e = Mul(w_e, C_e)                  # C_e [H]: the novice's constant output
     acc = ScatterND(acc, idx_e, upd_e, reduction="add")  # acc starts as zeros [T, H]
 
@@ -23,7 +23,7 @@ dense ``[T, H]`` add per expert); in eager mode they run the equivalent torch op
 loop to float rounding (same products, same expert order of accumulation).
 
 In fp16/bf16 models W, the updates and the accumulator are float32 (see :func:`accumulation_dtype`): a real
-branch is ``Mul(Cast(expert_mlp(...), float), w_e)`` and a novice's ``C_e`` is a float32 constant.
+branch is ``Mul(Cast(f_e(...), float), w_e)`` and a novice's ``C_e`` is a float32 constant.
 
 Routing weights are assumed non-negative (softmax or sigmoid gates, positive scaling): a selected expert with
 weight exactly 0 contributes ``0 · f_e(x) = 0`` and is skipped.
@@ -57,14 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mone_export.adapters import get_adapter
+from mone_export.adapters import expert_forward, get_adapter, uses_default_gate
 from mone_export.errors import UsageError
 
 __all__ = [
     "MOE_FORMS",
     "accumulation_dtype",
     "canonical_dispatch",
-    "expert_mlp",
     "export_friendly_moe",
     "export_forward_for",
     "fused_dispatch",
@@ -181,17 +180,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def expert_mlp(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch.Tensor:
-    """f_e on ``hidden [n, H]`` from fused weights ``gate_up_proj[slot]``, ``down_proj[slot]``.
-
-    The same arithmetic as :func:`mone_export.adapters.expert_forward` (transformers' eager loop), with the gate/up
-    split at a static size so that it exports as one ``Split`` instead of run-time shape arithmetic.
-    """
-    inter = int(experts.down_proj.shape[-1])
-    gate, up = F.linear(hidden, experts.gate_up_proj[slot]).split([inter, inter], dim=-1)
-    return F.linear(experts.act_fn(gate) * up, experts.down_proj[slot])
-
-
 class _FusedRealExperts(torch.autograd.Function):
     """Σ_e (w_e / Σ w) · f_e(x) over the real experts, exported as one ``com.microsoft.MoE`` node (module docstring).
 
@@ -273,14 +261,22 @@ def fused_dispatch(
 
 
 def _check_fusable(experts: nn.Module) -> None:
-    """The fused op computes SiLU-gated experts without biases; anything else keeps the branch form."""
+    """The fused op computes SiLU-gated experts in the default layout (concatenated gate/up rows, ``[E, out, in]``
+    weights) without biases or post-expert norms; anything else keeps the branch form."""
     act = getattr(experts, "act_fn", None)
     silu = isinstance(act, nn.SiLU) or getattr(act, "__name__", None) == "silu" or type(act).__name__ == "SiLUActivation"
     biased = any(getattr(experts, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias"))
-    if not silu or biased:
-        raise UsageError(f"{type(experts).__name__}: the fused MoE graph form needs SiLU-gated experts without biases "
-                         f"(this one has {type(act).__name__}{', biases' if biased else ''}); export with the branch "
-                         "form (--moe-form dispatch).")
+    layout = [what for what, present in (
+        ("its own gate function", not uses_default_gate(experts)),
+        ("transposed weights", getattr(experts, "is_transposed", False)),
+        ("ungated experts", not getattr(experts, "has_gate", True)),
+        ("a post-expert norm", getattr(experts, "has_post_expert_norm", False)),
+        ("biases", biased),
+        (f"{type(act).__name__} activation", not silu)) if present]
+    if layout:
+        raise UsageError(f"{type(experts).__name__}: the fused MoE graph form needs SiLU-gated experts in the default "
+                         f"layout without biases (this one has {', '.join(layout)}); export with the branch form "
+                         "(--moe-form dispatch).")
 
 
 def _fused_stock_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -296,12 +292,12 @@ def _fused_novice_forward(self, hidden_states, top_k_index, top_k_weights):
 
 def _stock_forward(self, hidden_states, top_k_index, top_k_weights):
     num_experts = int(self.gate_up_proj.shape[0])
-    real = {e: (lambda x, e=e: expert_mlp(self, e, x)) for e in range(num_experts)}
+    real = {e: (lambda x, e=e: expert_forward(self, e, x)) for e in range(num_experts)}
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, num_experts, real, {})
 
 
 def _novice_forward(self, hidden_states, top_k_index, top_k_weights):
-    real = {e: (lambda x, slot=slot: expert_mlp(self, slot, x)) for slot, e in enumerate(self.real_ids)}
+    real = {e: (lambda x, slot=slot: expert_forward(self, slot, x)) for slot, e in enumerate(self.real_ids)}
     novices = {e: self.novice_means[row] for row, e in enumerate(self.novice_ids)}
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, real, novices)
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from mone_export.adapters import MoeAdapter, MoeLayer, expert_forward, moe_layers_or_error
+from mone_export.adapters import MoeAdapter, MoeLayer, expert_forward, moe_layers_or_error, uses_default_gate
 from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
 
-__all__ = ["NoviceExperts", "apply_plan", "dense_routing_weights", "layer_pruned"]
+__all__ = ["NoviceExperts", "apply_plan", "dense_routing_weights", "expert_count", "expert_parameter_names",
+           "layer_pruned"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,10 @@ class NoviceExperts(nn.Module):
     """Routed experts of one layer after MoNE pruning: real experts keep their weights, novices are constants.
 
     The router is unchanged and still selects novices; a token routed to novice ``e`` with weight g_e(x)
-    receives ``g_e(x) * novice_means[row(e)]``. Only the real experts' weights are stored
-    (``gate_up_proj [E_real, 2I, H]``, ``down_proj [E_real, H, I]``), so a pruned expert's weights are freed.
+    receives ``g_e(x) * novice_means[row(e)]``. Only the real experts' weights are stored (every per-expert tensor
+    of the experts module, e.g. ``gate_up_proj [E_real, 2I, H]``, ``down_proj [E_real, H, I]`` and any biases, under
+    the same names), so a pruned expert's weights are freed; the layout (transposed weights, the family's own gate,
+    a post-expert norm) is the experts module's.
     Called like the transformers experts module: ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
     ``means_dtype`` is the dtype of the novice means (default: the experts' weights' dtype).
     """
@@ -39,18 +43,19 @@ class NoviceExperts(nn.Module):
     def __init__(self, experts: nn.Module, novice_ids: list[int], novice_means: torch.Tensor,
                  means_dtype: torch.dtype | None = None):
         super().__init__()
-        num_experts = int(experts.gate_up_proj.shape[0])
+        num_experts = expert_count(experts)
         novice_set = set(novice_ids)
         self.num_experts = num_experts
         self.real_ids = [e for e in range(num_experts) if e not in novice_set]
         self.novice_ids = sorted(novice_ids)
-        self.act_fn = experts.act_fn
         real = torch.tensor(self.real_ids, dtype=torch.long)
-        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[real].clone(), requires_grad=False)
-        self.down_proj = nn.Parameter(experts.down_proj.detach()[real].clone(), requires_grad=False)
+        for name in expert_parameter_names(experts):
+            weights = getattr(experts, name).detach()[real].clone()
+            setattr(self, name, nn.Parameter(weights, requires_grad=False))
+        _copy_layout(experts, self)
         # The means in the model's compute dtype, even when the weights are still in a narrower storage dtype (a
         # layer-streamed layer is pruned before it is widened): they come from float64 statistics, not the weights.
-        dtype = means_dtype or experts.gate_up_proj.dtype
+        dtype = means_dtype or experts.down_proj.dtype
         self.register_buffer("novice_means", novice_means.detach().to(dtype).clone().reshape(len(novice_ids), -1))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -70,6 +75,36 @@ class NoviceExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, real={len(self.real_ids)}, novices={self.novice_ids}"
+
+
+def expert_count(experts: nn.Module) -> int:
+    """E, the experts a fused experts module stores (``down_proj``'s leading dimension)."""
+    return int(experts.down_proj.shape[0])
+
+
+def expert_parameter_names(experts: nn.Module) -> list[str]:
+    """The experts module's per-expert tensors (leading dimension E: ``gate_up_proj`` or ``up_proj``, ``down_proj``,
+    their biases), in registration order; anything else it holds has no expert dimension to cut."""
+    count = expert_count(experts)
+    return [name for name, tensor in experts.named_parameters(recurse=False) if tensor.dim() and tensor.shape[0] == count]
+
+
+_LAYOUT_VALUES = (bool, int, float, str)
+
+
+def _copy_layout(experts: nn.Module, pruned: nn.Module) -> None:
+    """Give the pruned module what :func:`~mone_export.adapters.expert_forward` reads besides the weights: the
+    submodules (``act_fn``, ``post_expert_norm``), the layout flags and scalars the experts class keeps (``has_gate``,
+    ``is_transposed``, gpt-oss's ``alpha`` / ``limit``, ...) and the class's own gate function."""
+    for name, child in experts.named_children():
+        setattr(pruned, name, child)
+    for name, value in vars(experts).items():
+        if name.startswith("_") or name in ("training", "num_experts"):
+            continue
+        if isinstance(value, _LAYOUT_VALUES) or (callable(value) and not isinstance(value, nn.Module)):
+            setattr(pruned, name, value)  # a flag, a scalar, or an activation kept as a plain function
+    if not uses_default_gate(experts):
+        pruned._apply_gate = types.MethodType(type(experts)._apply_gate, pruned)
 
 
 def _apply_novices(layer: MoeLayer, adapter: MoeAdapter, pruned: list[int], vectors: torch.Tensor,
@@ -96,7 +131,7 @@ def _remove_experts(layer: MoeLayer, pruned: list[int]) -> None:
     kept = torch.tensor([e for e in range(layer.num_experts) if e not in set(pruned)], dtype=torch.long)
     router, experts = layer.router, layer.experts
     router.weight = nn.Parameter(router.weight.detach()[kept].clone(), requires_grad=False)
-    for name in ("gate_up_proj", "down_proj"):
+    for name in expert_parameter_names(experts):
         setattr(experts, name, nn.Parameter(getattr(experts, name).detach()[kept].clone(), requires_grad=False))
     for module in (router, experts):
         if hasattr(module, "num_experts"):
