@@ -25,7 +25,10 @@ __all__ = [
     "register_adapter",
     "get_adapter",
     "supported_model_types",
+    "experts_classes",
     "expert_forward",
+    "is_experts_class",
+    "is_experts_module",
     "intermediate_size",
     "uses_default_gate",
 ]
@@ -42,18 +45,22 @@ class MoeLayer:
 
     @property
     def num_experts(self) -> int:
-        """Routed experts in this layer (after any removal)."""
-        return int(self.router.weight.shape[0])
+        """Routed experts in this layer (after any removal): the routing space, novices included."""
+        if getattr(self.experts, "is_pruned", False):
+            return int(self.experts.num_experts)
+        return int(self.experts.down_proj.shape[0])
 
     @property
     def top_k(self) -> int:
         """Experts each token selects."""
-        return int(self.router.top_k)
+        top_k = getattr(self.router, "top_k", None)
+        return int(top_k if top_k is not None else self.experts.config.num_experts_per_tok)
 
     @property
     def hidden_size(self) -> int:
-        """Model hidden size H."""
-        return int(self.router.weight.shape[1])
+        """Model hidden size H (the experts' output width)."""
+        down = self.experts.down_proj
+        return int(down.shape[-1] if getattr(self.experts, "is_transposed", False) else down.shape[-2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +100,8 @@ class MoeAdapter:
 
     def is_moe_block(self, block: nn.Module) -> bool:
         """Whether a decoder layer's MLP is a routed MoE block (dense layers are not)."""
-        return hasattr(block, self.router_attr) and hasattr(block, self.experts_attr)
+        experts = getattr(block, self.experts_attr, None)
+        return hasattr(block, self.router_attr) and experts is not None and is_experts_module(experts)
 
     def moe_layers(self, model: nn.Module) -> list[MoeLayer]:
         """The MoE blocks of ``model`` in layer order (dense layers skipped)."""
@@ -159,8 +167,9 @@ def _expert_linear(experts: nn.Module, name: str, slot: int, x: torch.Tensor) ->
 def uses_default_gate(experts: nn.Module) -> bool:
     """Whether the experts combine gate and up as transformers' default does (``act_fn(gate) * up`` on the
     concatenated halves of ``gate_up_proj``'s output) rather than with a family's own ``_apply_gate``."""
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    return apply_gate is None or getattr(apply_gate, "__name__", "") == "_default_apply_gate"
+    apply_gate = getattr(experts, "_apply_gate", None)
+    function = getattr(apply_gate, "__func__", apply_gate)  # a bound method's function
+    return function is None or getattr(function, "__name__", "") == "_default_apply_gate"
 
 
 def intermediate_size(experts: nn.Module) -> int:
@@ -187,19 +196,85 @@ def register_adapter(adapter: MoeAdapter) -> MoeAdapter:
 
 
 def supported_model_types() -> list[str]:
-    """Registered HF model types, sorted."""
+    """Model types with a registered adapter (their quirks declared as data), sorted. Other types whose modeling
+    code uses transformers' experts interface get the generic adapter (:func:`get_adapter`)."""
     return sorted(ADAPTERS)
 
 
+NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+"""Config fields that hold the routed-expert count, in the order they are looked up (the first one present wins)."""
+
+ROUTER_ATTRS = ("gate", "router")
+"""Attributes of an MoE block that hold its router in transformers 5 (every modeling file uses one of these)."""
+
+
+def is_experts_class(cls) -> bool:
+    """Whether ``cls`` is an experts class of transformers' standard interface: decorated with
+    ``use_experts_implementation``, which wraps its ``forward`` and gives it an ``_apply_gate``."""
+    return (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "_apply_gate")
+            and getattr(cls.forward, "__wrapped__", None) is not None)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether ``module`` computes a layer's routed experts through the standard interface (or is one pruned by
+    this package, which keeps that call signature)."""
+    return is_experts_class(type(module)) or getattr(module, "is_pruned", False)
+
+
+def experts_classes(model_type: str) -> list[type]:
+    """The experts classes of the standard interface in ``model_type``'s modeling module (empty if it has none or
+    transformers has no causal-LM class for it)."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return []
+    name = model_type_to_module_name(model_type)
+    try:
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name.split('.')[-1]}")
+    except ImportError:
+        return []
+    return [cls for cls in vars(module).values() if is_experts_class(cls) and cls.__module__ == module.__name__]
+
+
+def _generic_adapter(config, model: nn.Module | None) -> MoeAdapter | None:
+    """An adapter for a model type without a registered one, when its modeling code uses the experts interface:
+    the config key of the expert count from :data:`NUM_EXPERTS_KEYS`, and, given a model, the attribute names of
+    its MoE block, router and experts found on its first MoE decoder layer."""
+    model_type = getattr(config, "model_type", None)
+    if not model_type or not experts_classes(model_type):
+        return None
+    key = next((k for k in NUM_EXPERTS_KEYS if getattr(config, k, None)), NUM_EXPERTS_KEYS[0])
+    adapter = MoeAdapter(model_type, num_experts_key=key)
+    if model is None:
+        return adapter
+    for layer in adapter.decoder_layers(model):
+        for block_attr, block in layer.named_children():
+            experts_attr = next((name for name, child in block.named_children() if is_experts_module(child)), None)
+            router_attr = next((name for name in ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)),
+                               None)
+            if experts_attr and router_attr:
+                return dataclasses.replace(adapter, block_attr=block_attr, router_attr=router_attr,
+                                           experts_attr=experts_attr)
+    return adapter
+
+
 def get_adapter(model_or_config) -> MoeAdapter:
-    """The adapter for a model or config; a clear error for unknown or non-MoE models."""
+    """The adapter for a model or config: the registered one for its type, else the generic one for any type whose
+    modeling code uses transformers' experts interface; a clear error for anything else."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     adapter = ADAPTERS.get(model_type)
     if adapter is None:
+        model = model_or_config if isinstance(model_or_config, nn.Module) else None
+        adapter = _generic_adapter(config, model)
+    if adapter is None:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
-            f"supported: {', '.join(supported_model_types())}."
+            f"model_type {model_type!r} is not a Mixture-of-Experts architecture with transformers' experts "
+            f"interface (use_experts_implementation); models with one are supported, e.g. "
+            f"{', '.join(supported_model_types())}."
         )
     return adapter
 

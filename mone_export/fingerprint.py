@@ -50,7 +50,8 @@ def _per_expert_sample(tensor: torch.Tensor, rounded_to: torch.dtype | None = No
 def layer_fingerprint_update(digest, layer: MoeLayer, rounded_to: torch.dtype | None = None) -> None:
     """Feed one MoE layer's router and expert weights (their sample, optionally rounded) into ``digest``."""
     digest.update(f"layer {layer.index}\n".encode())
-    tensors = [("router.weight", layer.router.weight), *sorted(layer.experts.named_parameters())]
+    router = [(f"router.{name}", tensor) for name, tensor in sorted(layer.router.named_parameters())]
+    tensors = [*router, *sorted(layer.experts.named_parameters())]
     for name, tensor in tensors:
         digest.update(f"{name} {list(tensor.shape)}\n".encode())
         digest.update(_per_expert_sample(tensor, rounded_to))

@@ -112,10 +112,24 @@ def _apply_novices(layer: MoeLayer, adapter: MoeAdapter, pruned: list[int], vect
     setattr(layer.block, adapter.experts_attr, NoviceExperts(layer.experts, pruned, vectors, means_dtype))
 
 
+COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")
+"""Attributes in which routers and experts modules keep their expert count (updated when experts are removed)."""
+
+GROUP_ATTRS = ("n_group", "num_group")
+"""Attributes in which group-limited routers keep their group count."""
+
+
+def _router_groups(router: nn.Module) -> int:
+    """The expert groups of a group-limited router (1 when routing is not group-limited)."""
+    if getattr(router, "topk_method", "group_limited") not in ("group_limited", "group_limited_greedy", "noaux_tc"):
+        return 1  # e.g. DeepSeek-V2's plain greedy top-k ignores its groups
+    return int(next((getattr(router, a) for a in GROUP_ATTRS if getattr(router, a, None)), 1))
+
+
 def _check_group_removal(layer: MoeLayer, pruned: list[int]) -> None:
     """Group-limited routing keeps groups contiguous and equal-sized only if each group loses as many experts."""
-    groups = int(getattr(layer.router, "num_group", None) or 1)
-    if getattr(layer.router, "topk_method", None) != "group_limited_greedy" or groups <= 1:
+    groups = _router_groups(layer.router)
+    if groups <= 1:
         return
     size = layer.num_experts // groups
     lost = [sum(1 for e in pruned if e // size == g) for g in range(groups)]
@@ -126,16 +140,51 @@ def _check_group_removal(layer: MoeLayer, pruned: list[int]) -> None:
         )
 
 
+def _router_rows(layer: MoeLayer) -> list[str]:
+    """The router's per-expert tensors (leading dimension E: its ``[E, H]`` weight, a bias, DeepSeek-V3's
+    ``e_score_correction_bias``); a clear error when it has no ``[E, H]`` weight to cut."""
+    router, count = layer.router, layer.num_experts
+    tensors = [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
+    rows = [name for name, tensor in tensors if tensor.dim() and tensor.shape[0] == count]
+    weight = getattr(router, "weight", None)
+    if "weight" not in rows or weight.dim() != 2:
+        raise UsageError(
+            f"the router of layer {layer.index} ({type(router).__name__}) has no [experts, hidden] weight that removal "
+            "could cut; removal methods (frequency, routing-score, reap, random) cannot prune this model. Use "
+            "--method mone or mone-zero: they keep the router."
+        )
+    return rows
+
+
+def _block_rows(layer: MoeLayer) -> list[str]:
+    """Per-expert vectors the MoE block keeps itself and hands to its router (MiniMax-M2's and HY-V3's
+    ``e_score_correction_bias``): the block's own 1-D tensors of length E."""
+    tensors = [*layer.block.named_parameters(recurse=False), *layer.block.named_buffers(recurse=False)]
+    return [name for name, tensor in tensors if tensor.dim() == 1 and tensor.shape[0] == layer.num_experts]
+
+
+def _cut_rows(module: nn.Module, names: list[str], kept: torch.Tensor) -> None:
+    for name in names:
+        cut = getattr(module, name).detach()[kept].clone()
+        if name in module._buffers:
+            module._buffers[name] = cut
+        else:
+            setattr(module, name, nn.Parameter(cut, requires_grad=False))
+
+
 def _remove_experts(layer: MoeLayer, pruned: list[int]) -> None:
     _check_group_removal(layer, pruned)
+    rows, block_rows = _router_rows(layer), _block_rows(layer)
     kept = torch.tensor([e for e in range(layer.num_experts) if e not in set(pruned)], dtype=torch.long)
     router, experts = layer.router, layer.experts
-    router.weight = nn.Parameter(router.weight.detach()[kept].clone(), requires_grad=False)
+    _cut_rows(router, rows, kept)
+    _cut_rows(layer.block, block_rows, kept)
     for name in expert_parameter_names(experts):
         setattr(experts, name, nn.Parameter(getattr(experts, name).detach()[kept].clone(), requires_grad=False))
     for module in (router, experts):
-        if hasattr(module, "num_experts"):
-            module.num_experts = len(kept)
+        for attr in COUNT_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, len(kept))
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
@@ -193,7 +242,8 @@ def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None,
     block, router, experts = layer.block, layer.router, layer.experts
     saved_router = dict(router.__dict__)
     saved_experts = dict(experts.__dict__)
-    saved_params = {module: dict(module._parameters) for module in (router, experts)}
+    saved_params = {module: dict(module._parameters) for module in (router, experts, block)}
+    saved_buffers = {module: dict(module._buffers) for module in (router, experts, block)}
     try:
         if plan.replacement == "remove":
             _remove_experts(layer, pruned)
@@ -214,6 +264,9 @@ def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None,
         for module, params in saved_params.items():
             module._parameters.clear()
             module._parameters.update(params)
+        for module, buffers in saved_buffers.items():
+            module._buffers.clear()
+            module._buffers.update(buffers)
 
 
 def _on_meta(parameter: nn.Parameter | None) -> nn.Parameter | None:

@@ -78,3 +78,35 @@ def tiny_batches(vocab_size: int = 97, num: int = 3, batch: int = 2, seq: int = 
     """Seeded random token batches."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (batch, seq), generator=gen) for _ in range(num)]
+
+
+# --- tiny models of any Mixture-of-Experts type (the architecture census, tests/test_architectures.py) -----------
+
+ANY_TYPE_SIZES = dict(
+    vocab_size=97, hidden_size=48, intermediate_size=44, moe_intermediate_size=26, expert_intermediate_size=26,
+    shared_expert_intermediate_size=34, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=12, num_local_experts=6, num_experts=6, n_routed_experts=6, moe_num_experts=6, num_experts_per_tok=2,
+    moe_topk=2, max_position_embeddings=256, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=12, n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+    sliding_window=16, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+"""Sizes given to every config field of these names that a model type's config has (odd widths, E = 6, k = 2)."""
+
+
+def tiny_config_of(model_type: str, **overrides):
+    """A tiny config of any model type: :data:`ANY_TYPE_SIZES` for the fields its config class has. Multi-head
+    latent attention (``kv_lora_rank``) gets as many KV heads as query heads and ``head_dim`` = the rotary part."""
+    config_class = type(transformers.AutoConfig.for_model(model_type))
+    defaults = config_class()
+    kwargs = {key: value for key, value in ANY_TYPE_SIZES.items() if hasattr(defaults, key)}
+    if hasattr(defaults, "kv_lora_rank"):
+        kwargs.update(num_key_value_heads=kwargs["num_attention_heads"], head_dim=kwargs["qk_rope_head_dim"])
+    return config_class(**{**kwargs, **overrides})
+
+
+def tiny_model_of(model_type: str, seed: int = 0, **overrides):
+    """A seeded random tiny causal LM of any model type, fp32, eager attention and experts."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_config_of(model_type, **overrides), attn_implementation="eager", experts_implementation="eager")
+    return model.eval()
