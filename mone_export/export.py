@@ -294,18 +294,70 @@ def _softmax_symbolic(op_type: str, stock):
     return symbolic
 
 
+def _clamp_symbolic(stock):
+    """``aten::clamp`` on a value whose dtype the exporter does not know: ``Min`` / ``Max`` with the bounds cast like
+    the input (``CastLike``), where the stock symbolic stops with "cannot determine scalar type" (our export runs
+    without ONNX shape inference, so a value computed by a custom gate, gpt-oss's clamped SwiGLU, can be untyped). A
+    value of known dtype takes the stock symbolic, so graphs that exported before are unchanged."""
+    from torch.onnx import errors, symbolic_helper
+    from torch.onnx._internal.torchscript_exporter import _type_utils
+
+    def symbolic(g, input, min, max):
+        undefined = _type_utils.JitScalarType.UNDEFINED
+        if _type_utils.JitScalarType.from_value(input, undefined) != undefined:
+            try:
+                return stock(g, input, min, max)
+            except errors.SymbolicValueError:  # an untyped intermediate (its clamp_max after clamp_min): ours
+                pass  # the nodes it added before failing read nothing downstream; the exporter's cleanup drops them
+        out = input
+        if not symbolic_helper._is_none(min):
+            out = g.op("Max", out, g.op("CastLike", min, input))
+        if not symbolic_helper._is_none(max):
+            out = g.op("Min", out, g.op("CastLike", max, input))
+        return out
+
+    return symbolic
+
+
+def _repeat_interleave_symbolic(stock):
+    """``aten::repeat_interleave(x, r, dim=-1)`` with a constant ``r`` (the interleaved rotary embeddings of ERNIE-4.5
+    and Cohere-2): ``Reshape(Expand(Unsqueeze(x, -1), [r]), [..., -1])``, which needs neither the rank nor the shape
+    of ``x``; the stock symbolic needs static shapes, which our export (without ONNX shape inference) does not give.
+    Anything else takes the stock symbolic."""
+    from torch.onnx import symbolic_helper
+
+    def symbolic(g, input, repeats, dim=None, output_size=None):
+        last = dim is not None and not symbolic_helper._is_none(dim) and symbolic_helper._maybe_get_const(dim, "i") == -1
+        constant = symbolic_helper._is_constant(repeats) and symbolic_helper._get_tensor_rank(repeats) in (0, None)
+        if not (last and constant):
+            return stock(g, input, repeats, dim, output_size)
+        count = int(symbolic_helper._maybe_get_const(repeats, "i"))
+        widened = g.op("Expand", g.op("Unsqueeze", input, g.op("Constant", value_t=torch.tensor([-1]))),
+                       g.op("Constant", value_t=torch.tensor([count])))
+        leading = g.op("Slice", g.op("Shape", input), g.op("Constant", value_t=torch.tensor([0])),
+                       g.op("Constant", value_t=torch.tensor([-1])))
+        shape = g.op("Concat", leading, g.op("Constant", value_t=torch.tensor([-1])), axis_i=0)
+        return g.op("Reshape", widened, shape)
+
+    return symbolic
+
+
 @contextlib.contextmanager
 def _softmax_in_requested_dtype(opset: int) -> Iterator[None]:
     """Within the block, the exporter emits ``softmax(x, dtype=d)`` as ``Softmax(Cast(x, d))`` (see
-    :func:`_softmax_symbolic`); the stock symbolics come back on exit."""
-    from torch.onnx._internal.torchscript_exporter import symbolic_opset13
+    :func:`_softmax_symbolic`), ``clamp`` and ``repeat_interleave`` where the stock symbolics need types or shapes
+    our export does not infer (:func:`_clamp_symbolic`, :func:`_repeat_interleave_symbolic`); the stock symbolics
+    come back on exit."""
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset11, symbolic_opset13
 
-    stock = {"softmax": ("Softmax", symbolic_opset13.softmax),
-             "log_softmax": ("LogSoftmax", symbolic_opset13.log_softmax)}
+    symbolics = {"softmax": _softmax_symbolic("Softmax", symbolic_opset13.softmax),
+                 "log_softmax": _softmax_symbolic("LogSoftmax", symbolic_opset13.log_softmax),
+                 "clamp": _clamp_symbolic(symbolic_opset11.clamp),
+                 "repeat_interleave": _repeat_interleave_symbolic(symbolic_opset13.repeat_interleave)}
     registered = []
     try:
-        for name, (op_type, function) in stock.items():
-            torch.onnx.register_custom_op_symbolic(f"aten::{name}", _softmax_symbolic(op_type, function), opset)
+        for name, function in symbolics.items():
+            torch.onnx.register_custom_op_symbolic(f"aten::{name}", function, opset)
             registered.append(name)
         yield
     finally:

@@ -147,6 +147,14 @@ def _router_rows(layer: MoeLayer) -> list[str]:
     tensors = [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
     rows = [name for name, tensor in tensors if tensor.dim() and tensor.shape[0] == count]
     weight = getattr(router, "weight", None)
+    uncut = [name for name, tensor in router.named_parameters() if "." in name and count in tensor.shape]
+    uncut += [name for name, tensor in router.named_buffers() if "." in name and count in tensor.shape]
+    if uncut:  # per-expert tensors inside the router's own submodules (ERNIE-4.5's moe_statics): not cut generically
+        raise UsageError(
+            f"the router of layer {layer.index} ({type(router).__name__}) keeps per-expert tensors removal does not "
+            f"know how to cut ({', '.join(sorted(uncut)[:3])}); removal methods cannot prune this model. Use "
+            "--method mone or mone-zero: they keep the router."
+        )
     if "weight" not in rows or weight.dim() != 2:
         raise UsageError(
             f"the router of layer {layer.index} ({type(router).__name__}) has no [experts, hidden] weight that removal "

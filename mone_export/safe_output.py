@@ -52,8 +52,10 @@ logger = logging.getLogger(__name__)
 SCRATCH_TAG = ".mone-scratch-"
 LOCK_FILE = ".lock"
 PREVIOUS = "previous"
-STALE_UNLOCKED_SECONDS = 60.0
-"""A scratch folder without a lock file is only removed when older than this (its run may be just starting)."""
+STALE_UNLOCKED_SECONDS = 10.0
+"""A scratch folder without a lock file is only removed when older than this: its run may be just starting (a run
+writes and locks the file right after making the folder; one killed in between leaves a folder without it, which the
+next run more than this many seconds later removes)."""
 
 OUTPUT_MARKER = "mone_export.json"
 """The file every output folder of ``export`` holds: which tool and version wrote it, in which dtype."""

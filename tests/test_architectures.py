@@ -10,13 +10,16 @@ drops such a type fails :func:`test_every_experts_interface_type_is_covered_or_e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from mone_export import apply_plan, collect_stats, plan_pruning
-from mone_export.adapters import expert_forward, experts_classes, moe_layers_or_error
+from mone_export.adapters import expert_forward, moe_layers_or_error
+from mone_export.architectures import (COVERED, EXCLUDED, PRUNE_ONLY, ROUTER_KEPT, architecture_table,
+                                       experts_interface_types)
 from mone_export.errors import UsageError
 from mone_export.export import export_onnx
 from tiny_models import tiny_batches, tiny_model_of
@@ -26,57 +29,33 @@ from test_export import eos_ids, make_session, ort_greedy, prefill_and_decode, t
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-COVERED = sorted([
-    "aria_text", "axk1", "deepseek_v2", "deepseek_v3", "dots1", "exaone_moe", "flex_olmo", "glm4_moe",
-    "glm4_moe_lite", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1",
-    "laguna", "mellum", "minimax_m2", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
-])
-"""Types that prune, export and match PyTorch in ONNX Runtime."""
-
-ROUTER_KEPT = {"hunyuan_v1_moe": "its router (HunYuanMoEV1Gate) keeps its weight in an inner Linear"}
-"""Covered types whose router removal cannot cut: MoNE only, removal refused with a clear error."""
-
-_HYBRID = ("hybrid: some layers keep a linear-attention / SSM state that the export's cache contract (past/present "
-           "key and value per layer) does not carry yet; it prunes, it does not export")
-_INDEXER = ("sparse attention with an indexer key cache (DynamicIndexedLayer) that the export's cache contract does "
-            "not carry yet")
-_WRAPPER = "multimodal wrapper: its text model type is listed on its own"
-_PER_LAYER = "per-layer attention settings the tiny-config builder cannot shrink yet (AmbiguousGlobalPerLayerAttribute)"
-
-EXCLUDED = {
-    "afmoe": "exports, but ONNX Runtime's logits differ from PyTorch (1e-1): not investigated yet",
-    "axk2": _INDEXER, "deepseek_v32": _INDEXER, "glm_moe_dsa": _INDEXER, "hy_v4": _INDEXER,
-    "bailing_hybrid": _HYBRID, "granitemoehybrid": _HYBRID, "jamba": _HYBRID, "kimi_linear": _HYBRID,
-    "lara_mini": _HYBRID, "lfm2_moe": _HYBRID, "minimax": _HYBRID, "qwen3_5_moe_text": _HYBRID,
-    "qwen3_next": _HYBRID, "qwen4_exp_text": _HYBRID, "inkling_text": _HYBRID, "inkling2_text": _HYBRID,
-    "inkling2_loop_text": _HYBRID, "nemotron_h": _HYBRID,
-    "dots3_note": _WRAPPER, "gemma4": _WRAPPER, "qwen3_5_moe": _WRAPPER, "qwen4_exp": _WRAPPER,
-    "dots3_note_text": _PER_LAYER, "gemma4_text": _PER_LAYER,
-    "beam": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",
-    "flint": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",
-    "cohere2_moe": "the TorchScript exporter cannot translate its rotary embedding's repeat_interleave",
-    "ernie4_5_moe": "the TorchScript exporter cannot translate its rotary embedding's repeat_interleave",
-    "gpt_oss": "the TorchScript exporter cannot translate its experts' one-sided clamp (clamped SwiGLU) yet",
-    "minimax_m3_vl_text": "the TorchScript exporter cannot translate its experts' one-sided clamp yet",
-    "deepseek_v4": "its attention does not build from the tiny config yet (shape mismatch)",
-    "mimo_v2_flash": "its attention does not build from the tiny config yet (shape mismatch)",
-    "zaya": "its config validation rejects the tiny sizes",
-}
-"""Types with the experts interface that are not covered yet, and why."""
-
-
-def experts_interface_types() -> list[str]:
-    """Causal-LM model types whose modeling code has an experts class of the standard interface."""
-    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if experts_classes(t))
-
-
 def test_every_experts_interface_type_is_covered_or_excluded():
     found = set(experts_interface_types())
-    listed = set(COVERED) | set(EXCLUDED)
-    assert not set(COVERED) & set(EXCLUDED)
+    groups = [set(COVERED), set(PRUNE_ONLY), set(EXCLUDED)]
+    listed = set().union(*groups)
+    assert sum(map(len, groups)) == len(listed), "a type is listed twice"
     assert found - listed == set(), f"new MoE types in transformers: cover or exclude {sorted(found - listed)}"
     assert listed - found == set(), f"no longer MoE types with the experts interface: {sorted(listed - found)}"
+    assert set(ROUTER_KEPT) <= set(COVERED)
     assert len(COVERED) >= 24
+
+
+def test_the_readme_table_is_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert architecture_table() in readme, "README.md's architecture table is stale: paste architecture_table()"
+
+
+@pytest.mark.parametrize("model_type", sorted(PRUNE_ONLY))
+def test_prune_only_types_prune(model_type):
+    """The one expert formula reproduces the model, and a MoNE plan applies and runs."""
+    test_the_one_expert_formula_reproduces_the_model(model_type)
+    model = tiny_model_of(model_type)
+    batches = tiny_batches(vocab_size=model.config.vocab_size)
+    plan = plan_pruning(collect_stats(model, batches, progress=False), 1 / 3, "mone")
+    apply_plan(model, plan)
+    assert all(len(pruned) == 2 for pruned in plan.pruned.values())
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=batches[0]).logits).all()
 
 
 @pytest.mark.parametrize("model_type", COVERED)

@@ -415,7 +415,7 @@ CASES = [
     ("model-is-file", prune(*R, *CALIB, model="{calib}"), 2, "not a model folder"),
     ("model-no-config", prune(*R, *CALIB, model="{case}"), 2, "no config.json"),
     ("model-garbage-config", garbage_config, 2, "config"),
-    ("model-dense", dense_model, 2, "'llama' is not a supported"),
+    ("model-dense", dense_model, 2, "'llama' is not a Mixture-of-Experts architecture"),
     ("model-empty-name", prune(*R, *CALIB, model=""), 2, "model name is empty"),
     ("model-config-huge-experts", config_edit(num_local_experts=10 ** 9), 2, "does not match the checkpoint"),
     ("model-config-negative-size", config_edit(hidden_size=-16), 2, "negative dimension"),

@@ -1,0 +1,96 @@
+"""The architecture registry: which Mixture-of-Experts model types of the installed transformers go end to end.
+
+Every causal-LM model type whose modeling code has an experts class of transformers' standard interface
+(``use_experts_implementation``) is in exactly one of :data:`COVERED` and :data:`EXCLUDED` (the census test,
+tests/test_architectures.py, fails when a transformers release adds or drops one). Covered types need no adapter of
+their own: the generic adapter finds their MoE blocks (:func:`mone_export.adapters.get_adapter`). The README's
+architecture table is :func:`architecture_table`.
+"""
+
+from __future__ import annotations
+
+from mone_export.adapters import experts_classes
+
+__all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEPT", "architecture_table",
+           "experts_interface_types"]
+
+COVERED = sorted([
+    "aria_text", "axk1", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+    "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1",
+    "laguna", "mellum", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
+])
+"""Types that prune, export and match PyTorch in ONNX Runtime."""
+
+ROUTER_KEPT = {"hunyuan_v1_moe": "its router (HunYuanMoEV1Gate) keeps its weight in an inner Linear",
+               "ernie4_5_moe": "its router keeps a per-expert bias in a submodule (moe_statics)"}
+"""Covered types whose router removal cannot cut: MoNE only, removal refused with a clear error."""
+
+_HYBRID = ("hybrid: some layers keep a linear-attention / SSM state, which the export's cache contract (past/present "
+           "key and value per layer) does not carry yet")
+_INDEXER = ("sparse attention with an indexer key cache (DynamicIndexedLayer), which the export's cache contract does "
+            "not carry yet")
+_SHAPES = "its attention does not export from the tiny config yet (shape mismatch)"
+
+PRUNE_ONLY = {
+    "afmoe": "exports, but ONNX Runtime's logits differ from PyTorch (1e-1): not investigated yet",
+    "axk2": _INDEXER, "deepseek_v32": _INDEXER, "glm_moe_dsa": _INDEXER, "hy_v4": _INDEXER,
+    "inkling_text": _HYBRID, "inkling2_text": _HYBRID, "inkling2_loop_text": _HYBRID, "lara_mini": _HYBRID,
+    "minimax": _HYBRID,
+    "deepseek_v4": _SHAPES, "mimo_v2_flash": _SHAPES,
+}
+"""Types that calibrate and prune in PyTorch (the one expert formula reproduces them, a MoNE plan applies) but do not
+export yet, and why."""
+
+_HYBRID_CALIBRATION = "hybrid: its linear-attention / SSM layers fail in the calibration forward's cache handling"
+_WRAPPER = "multimodal wrapper: its text model type is listed on its own"
+_PER_LAYER = "per-layer attention settings the tiny-config builder cannot shrink yet (AmbiguousGlobalPerLayerAttribute)"
+
+EXCLUDED = {
+    "bailing_hybrid": _HYBRID_CALIBRATION, "jamba": _HYBRID_CALIBRATION, "kimi_linear": _HYBRID_CALIBRATION,
+    "qwen3_5_moe_text": _HYBRID_CALIBRATION, "qwen3_next": _HYBRID_CALIBRATION,
+    "qwen4_exp_text": _HYBRID_CALIBRATION,
+    "granitemoehybrid": "hybrid; the tiny config's Mamba sizes are not set yet (mamba_n_heads must divide ...)",
+    "lfm2_moe": "hybrid; its tiny config's layer pattern is not set yet",
+    "nemotron_h": "hybrid; its Mamba / MoE mixer layers are not told apart yet",
+    "dots3_note": _WRAPPER, "gemma4": _WRAPPER, "qwen3_5_moe": _WRAPPER, "qwen4_exp": _WRAPPER,
+    "dots3_note_text": _PER_LAYER, "gemma4_text": _PER_LAYER,
+    "beam": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",
+    "flint": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",
+    "zaya": "its config validation rejects the tiny sizes",
+}
+"""Types with the experts interface that are not covered yet, and why."""
+
+OUTSIDE_INTERFACE = {
+    "dbrx": "experts not decorated with use_experts_implementation (own fused layout)",
+    "llama4": "experts not decorated with use_experts_implementation; text model inside a multimodal wrapper",
+    "longcat_flash": "identity 'zero' experts beside the routed ones, outside the interface",
+    "step3p7": "fused layout but not decorated, so the generic adapter does not see it",
+    "jetmoe": "per-expert attention and MLP experts of its own form",
+    "switch_transformers": "encoder-decoder with per-expert modules",
+    "nllb_moe": "encoder-decoder with per-expert modules",
+}
+"""Mixture-of-Experts models in transformers whose experts do not use the standard interface (found by reading their
+modeling code): the generic adapter does not cover them."""
+
+
+def experts_interface_types() -> list[str]:
+    """Causal-LM model types whose modeling code has an experts class of the standard interface."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if experts_classes(t))
+
+
+def architecture_table() -> str:
+    """The README's table: every type with the experts interface, what works (prune, export with ONNX Runtime
+    parity, the pruning methods) and, where something does not yet, why."""
+    rows = ["| model_type | prune | export | methods | note |", "| --- | --- | --- | --- | --- |"]
+    for model_type in sorted({*COVERED, *PRUNE_ONLY, *EXCLUDED}):
+        if model_type in COVERED:
+            methods = "mone, mone-zero" if model_type in ROUTER_KEPT else "all"
+            rows.append(f"| `{model_type}` | yes | yes | {methods} | {ROUTER_KEPT.get(model_type, '')} |")
+        elif model_type in PRUNE_ONLY:
+            rows.append(f"| `{model_type}` | yes | no | mone | {PRUNE_ONLY[model_type]} |")
+        else:
+            rows.append(f"| `{model_type}` | no | no | | {EXCLUDED[model_type]} |")
+    outside = "; ".join(f"`{name}` ({why})" for name, why in sorted(OUTSIDE_INTERFACE.items()))
+    return "\n".join(rows) + f"\n\nOutside the interface, not covered: {outside}.\n"
