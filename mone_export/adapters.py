@@ -1,12 +1,17 @@
-"""Per-architecture adapters for transformers 5.x Mixture-of-Experts models.
+"""Adapters: where a transformers 5.x Mixture-of-Experts model keeps its MoE blocks, as data.
 
-Every supported family stores its routed experts the same way in transformers 5.x: a fused experts module
-(``gate_up_proj [E, 2I, H]`` with gate rows then up rows, ``down_proj [E, H, I]``, ``act_fn``) called as
-``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``, and a router module whose forward
-returns ``(router_logits, top_k_weights, top_k_index)`` with exactly the weights the model applies. What
-differs between families is data: where the MoE block lives, which config key holds the expert count,
-and how shared experts are attached. Each family is one :class:`MoeAdapter` registered by HF
-``model_type``; nothing else in the package branches on the model type.
+transformers 5 keeps the routed experts of (nearly) every MoE family behind one interface: an experts module whose
+class is decorated with ``use_experts_implementation`` (which records the weight layout on it: gated, transposed,
+biased, the family's own gate function, a post-expert norm) and which the MoE block calls as
+``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`` with exactly the weights the model applies.
+Everything the package needs comes from that call: g_e from ``top_k_weights``, f_e from :func:`expert_forward`
+(the one place that computes an expert's output, for every layout).
+
+A model type with the interface needs no adapter of its own: :func:`get_adapter` finds, on the model, the decoder
+layer child that holds an experts module of the interface and a router (:data:`ROUTER_ATTRS`), and the config key of
+the expert count (:data:`NUM_EXPERTS_KEYS`). A registered :class:`MoeAdapter` declares, as data, what a family does
+differently (shared experts for the reconstruction checks, group-limited routing); nothing in the package branches
+on the model type. The census of which types go end to end is :mod:`mone_export.architectures`.
 """
 
 from __future__ import annotations

@@ -61,17 +61,17 @@ def torch_runner(model, ids: np.ndarray) -> LatencyRunner:
     tokens = ids.shape[1]
     mask = np.ones((1, tokens), dtype=np.int64)
     positions = np.arange(tokens, dtype=np.int64)[None]
-    logits, cache = torch_step(model, ids, mask, positions, None)
+    logits, prefilled = torch_step(model, ids, mask, positions, None)
     nxt = logits[:, -1].float().argmax(-1).reshape(1, 1).numpy()
     mask1, pos1 = np.ones((1, tokens + 1), dtype=np.int64), np.array([[tokens]])
+    state = {"cache": copy.deepcopy(prefilled)}
 
-    def reset():  # drop the decoded position so that every timed step sees a past of ``tokens``
-        extra = cache.get_seq_length() - tokens
-        if extra > 0:
-            cache.crop(-extra)
+    def reset():  # every timed step sees a past of ``tokens``: a fresh copy of the prefilled cache (a copy, not
+        # ``crop``, which a sliding-window layer past its window cannot undo: gpt-oss)
+        state["cache"] = copy.deepcopy(prefilled)
 
     return LatencyRunner(prefill=lambda: torch_step(model, ids, mask, positions, None),
-                         decode=lambda: torch_step(model, nxt, mask1, pos1, cache), reset=reset)
+                         decode=lambda: torch_step(model, nxt, mask1, pos1, state["cache"]), reset=reset)
 
 
 def cuda_torch_runner(model, ids: np.ndarray) -> LatencyRunner:

@@ -116,3 +116,22 @@ def test_a_router_that_cannot_be_cut_refuses_removal_clearly():
     with pytest.raises(UsageError, match="--method mone"):
         apply_plan(model, plan_pruning(stats, 1 / 3, "frequency"))
     assert np.isfinite(stats.layers[0].frequency).all()
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "glm4_moe"])
+def test_the_main_command_on_a_checkpoint_of_a_new_type(model_type, tmp_path, capsys):
+    """Through the CLI, as a user runs it on a checkpoint folder: prune, export and validate (parity, greedy tokens,
+    memory, latency) pass, with no adapter written for the type."""
+    import json
+
+    from mone_export.cli import main
+
+    folder = tmp_path / model_type
+    tiny_model_of(model_type).save_pretrained(folder)
+    code = main(["--model", str(folder), "--ratio", "0.5", "--calib", "random", "--calib-samples", "4", "--seq-len",
+                 "16", "-o", str(tmp_path / "out"), "--quiet", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] is True
+    generation = report["validation"]["generation"]
+    assert generation["passed"] and generation["identical"] == generation["prompts"] > 0
+    assert max(r["max_abs_diff"] for r in report["validation"]["logits"]) <= 1e-4
