@@ -17,6 +17,8 @@ on the model type. The census of which types go end to end is :mod:`mone_export.
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -226,7 +228,8 @@ def is_experts_module(module: nn.Module) -> bool:
     return is_experts_class(type(module)) or getattr(module, "is_pruned", False)
 
 
-def experts_classes(model_type: str) -> list[type]:
+@functools.lru_cache(maxsize=None)
+def experts_classes(model_type: str) -> tuple[type, ...]:
     """The experts classes of the standard interface in ``model_type``'s modeling module (empty if it has none or
     transformers has no causal-LM class for it)."""
     import importlib
@@ -235,13 +238,13 @@ def experts_classes(model_type: str) -> list[type]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return []
+        return ()
     name = model_type_to_module_name(model_type)
     try:
         module = importlib.import_module(f"transformers.models.{name}.modeling_{name.split('.')[-1]}")
     except ImportError:
-        return []
-    return [cls for cls in vars(module).values() if is_experts_class(cls) and cls.__module__ == module.__name__]
+        return ()
+    return tuple(cls for cls in vars(module).values() if is_experts_class(cls) and cls.__module__ == module.__name__)
 
 
 def _generic_adapter(config, model: nn.Module | None) -> MoeAdapter | None:

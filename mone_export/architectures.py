@@ -10,9 +10,10 @@ architecture table is :func:`architecture_table`.
 from __future__ import annotations
 
 from mone_export.adapters import experts_classes
+from mone_export.errors import UnsupportedModelError
 
 __all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEPT", "architecture_table",
-           "experts_interface_types"]
+           "check_exportable", "check_prunable", "experts_interface_types"]
 
 COVERED = sorted([
     "aria_text", "axk1", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
@@ -78,6 +79,22 @@ def experts_interface_types() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if experts_classes(t))
+
+
+def check_prunable(config) -> None:
+    """A clear error for a model type known not to calibrate and prune yet (:data:`EXCLUDED`), before any work."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in EXCLUDED:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported yet: {EXCLUDED[model_type]}.")
+
+
+def check_exportable(config) -> None:
+    """A clear error for a model type known to prune but not to export yet (:data:`PRUNE_ONLY`)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in PRUNE_ONLY:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} prunes but does not export to ONNX yet: {PRUNE_ONLY[model_type]}. "
+            "`mone-export prune` writes the pruned PyTorch model.")
 
 
 def architecture_table() -> str:

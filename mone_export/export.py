@@ -568,10 +568,12 @@ def export_onnx(
     import onnx_ir as ir
 
     from mone_export import __version__
+    from mone_export.architectures import check_exportable
 
     if opset < 16:
         raise UsageError(f"opset {opset} is too old: ScatterND with reduction='add' needs opset 16 or newer.")
     moe_layers_or_error(model)
+    check_exportable(model.config)
     target = parse_dtype(dtype)
     output = Path(output)
     path = output if output.suffix == ".onnx" else output / MODEL_FILE

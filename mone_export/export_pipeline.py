@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from mone_export.architectures import check_exportable
 from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
 from mone_export.process_memory import available_memory_bytes
@@ -248,6 +249,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
     try:
         with run.stage("load"):
             loaded, tokenizer = load_model(model, dtype="fp32")
+            check_exportable(loaded.config)  # before minutes of calibration
             if plan_path is None:
                 check_ratio_feasible(loaded, ratio, method, scope)
         if plan_path is not None:
@@ -454,6 +456,7 @@ def export_model_streamed(model, ratio, folder: Path, options: ExportOptions, pl
     try:
         with run.stage("load"):
             streamed = LayerStreamedModel(path, dtype=torch.float32)
+            check_exportable(streamed.config)  # before minutes of calibration
             tokenizer = load_tokenizer(path)
             if plan_path is None:
                 check_ratio_feasible(streamed.model, ratio, method, scope)

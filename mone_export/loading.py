@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from mone_export.adapters import get_adapter, moe_layers_or_error
+from mone_export.architectures import check_prunable
 from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
 from mone_export.safe_output import atomic_folder, check_output_target
@@ -128,6 +129,7 @@ def preflight_model(name_or_path: str | os.PathLike):
     path = resolve_model_path(name_or_path)
     config = _load_config(path)
     get_adapter(config)
+    check_prunable(config)
     if not (path / PRUNED_MARKER).is_file():
         check_checkpoint_files(path, config)
     return config
@@ -150,6 +152,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
     path = resolve_model_path(name_or_path)
     config = _load_config(path)
     get_adapter(config)  # unknown or non-MoE families fail here, before any weight is read
+    check_prunable(config)
     kwargs = model_build_options(config, dtype, attn_implementation)
     if (path / PRUNED_MARKER).is_file():
         model = _load_pruned(path, config, kwargs)

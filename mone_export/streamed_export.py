@@ -628,6 +628,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
     import onnx_ir as ir
 
     from mone_export import __version__
+    from mone_export.architectures import check_exportable
     from mone_export.export import (DEFAULT_OPSET, MODEL_FILE, eval_mode, input_names, output_names,
                                     process_traced_graph)
     from mone_export.onnx_utils import DATA_SUFFIX
@@ -638,6 +639,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
     if opset < 16:
         raise UsageError(f"opset {opset} is too old: ScatterND with reduction='add' needs opset 16 or newer.")
     model, adapter = streamed.model, streamed.adapter
+    check_exportable(model.config)
     if plan is not None:
         plan.validate_for(model, check_weights=False)
     output = Path(output)

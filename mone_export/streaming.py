@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from mone_export.architectures import check_prunable
 from mone_export.adapters import moe_layers_or_error
 from mone_export.checkpoint import check_checkpoint_files
 from mone_export.errors import UsageError
@@ -169,6 +170,7 @@ class LayerStreamedModel:
         self.config = transformers.AutoConfig.from_pretrained(str(self.folder))
         options = model_build_options(self.config, dtype, attn_implementation)
         self.dtype = options["dtype"]
+        check_prunable(self.config)
         _refuse_mixed_layer_types(self.config)
         check_checkpoint_files(self.folder, self.config)
         with torch.device("meta"):

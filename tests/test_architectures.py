@@ -135,3 +135,19 @@ def test_the_main_command_on_a_checkpoint_of_a_new_type(model_type, tmp_path, ca
     generation = report["validation"]["generation"]
     assert generation["passed"] and generation["identical"] == generation["prompts"] > 0
     assert max(r["max_abs_diff"] for r in report["validation"]["logits"]) <= 1e-4
+
+
+def test_types_not_covered_get_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """An excluded type stops at load with its reason; a prune-only type prunes, and its export stops before
+    calibrating with its reason; both exit 2."""
+    from mone_export.cli import main
+
+    calib = ["--calib", "random", "--calib-samples", "2", "--seq-len", "8", "--quiet"]
+    excluded, prune_only = tmp_path / "jamba", tmp_path / "deepseek_v32"
+    tiny_model_of("jamba").save_pretrained(excluded)
+    tiny_model_of("deepseek_v32").save_pretrained(prune_only)
+    assert main(["--model", str(excluded), "--ratio", "0.5", "-o", str(tmp_path / "a"), *calib]) == 2
+    assert EXCLUDED["jamba"] in capsys.readouterr().err
+    assert main(["--model", str(prune_only), "--ratio", "0.5", "-o", str(tmp_path / "b"), *calib]) == 2
+    assert "prunes but does not export" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["prune", "--model", str(prune_only), "--ratio", "0.5", "-o", str(tmp_path / "c"), *calib]) == 0
