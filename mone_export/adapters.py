@@ -16,8 +16,10 @@ on the model type. The census of which types go end to end is :mod:`mone_export.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ __all__ = [
     "is_experts_module",
     "intermediate_size",
     "uses_default_gate",
+    "experts_forwards_swapped",
 ]
 
 
@@ -191,6 +194,36 @@ def _expert_gate(experts: nn.Module, projected: torch.Tensor) -> torch.Tensor:
     inter = intermediate_size(experts)
     gate, up = projected.split([inter, inter], dim=-1)
     return experts.act_fn(gate) * up
+
+
+_NO_INSTANCE_FORWARD = object()
+
+
+@contextlib.contextmanager
+def experts_forwards_swapped(layers: Iterable[MoeLayer], make_forward: Callable[[MoeLayer], Callable]
+                             ) -> Iterator[None]:
+    """Within the block, each layer's experts module runs ``make_forward(layer)`` instead of its own forward; what
+    was there before comes back on exit, also after an exception.
+
+    The one mechanism the package uses to swap an experts forward (the statistics' recording forward, the export's
+    dispatch forms). The new forward is an instance attribute that shadows the class's forward, so the swap is per
+    module and carries per-layer state. transformers' ``ExpertsInterface`` cannot carry this job: its dispatch reads
+    ``config._experts_implementation`` on every call, one choice for every experts module sharing that config, and
+    an implementation gets no per-layer state (which layer's statistics to fill, which experts are novices).
+    """
+    patched: list[tuple[nn.Module, object]] = []
+    try:
+        for layer in layers:
+            experts, forward = layer.experts, make_forward(layer)  # may refuse: nothing of this layer swapped yet
+            patched.append((experts, experts.__dict__.get("forward", _NO_INSTANCE_FORWARD)))
+            experts.forward = forward
+        yield
+    finally:
+        for experts, previous in reversed(patched):
+            if previous is _NO_INSTANCE_FORWARD:
+                del experts.forward
+            else:
+                experts.forward = previous
 
 
 ADAPTERS: dict[str, MoeAdapter] = {}

@@ -36,7 +36,7 @@ PRUNE_ONLY = {
     "afmoe": "exports, but ONNX Runtime's logits differ from PyTorch (1e-1): not investigated yet",
     "axk2": _INDEXER, "deepseek_v32": _INDEXER, "glm_moe_dsa": _INDEXER, "hy_v4": _INDEXER,
     "inkling_text": _HYBRID, "inkling2_text": _HYBRID, "inkling2_loop_text": _HYBRID, "lara_mini": _HYBRID,
-    "minimax": _HYBRID,
+    "minimax": _HYBRID, "nemotron_h": _HYBRID,
     "deepseek_v4": _SHAPES, "mimo_v2_flash": _SHAPES,
 }
 """Types that calibrate and prune in PyTorch (the one expert formula reproduces them, a MoNE plan applies) but do not
@@ -52,7 +52,6 @@ EXCLUDED = {
     "qwen4_exp_text": _HYBRID_CALIBRATION,
     "granitemoehybrid": "hybrid; the tiny config's Mamba sizes are not set yet (mamba_n_heads must divide ...)",
     "lfm2_moe": "hybrid; its tiny config's layer pattern is not set yet",
-    "nemotron_h": "hybrid; its Mamba / MoE mixer layers are not told apart yet",
     "dots3_note": _WRAPPER, "gemma4": _WRAPPER, "qwen3_5_moe": _WRAPPER, "qwen4_exp": _WRAPPER,
     "dots3_note_text": _PER_LAYER, "gemma4_text": _PER_LAYER,
     "beam": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mone_export.adapters import expert_forward, get_adapter, uses_default_gate
+from mone_export.adapters import expert_forward, experts_forwards_swapped, get_adapter, uses_default_gate
 from mone_export.errors import UsageError
 
 __all__ = [
@@ -322,24 +322,9 @@ def export_friendly_moe(model: nn.Module, form: str = "dispatch") -> Iterator[nn
     """Within the block, every MoE layer's experts run :func:`canonical_dispatch` (``form="dispatch"``) or
     :func:`fused_dispatch` (``"fused"``); the originals come back on exit.
 
-    The swapped forward is an instance attribute shadowing the class forward; on exit (also after an exception)
-    it is deleted, or the instance forward that was there before is put back.
+    The swap is :func:`mone_export.adapters.experts_forwards_swapped`: on exit (also after an exception) each
+    experts module's forward is what it was before.
     """
     layers = get_adapter(model).moe_layers(model)  # none in a layer-streamed export's dense-layer piece
-    patched: list[tuple[nn.Module, object]] = []
-    try:
-        for layer in layers:
-            experts = layer.experts
-            previous = experts.__dict__.get("forward", _MISSING)
-            experts.forward = export_forward_for(experts, form)
-            patched.append((experts, previous))
+    with experts_forwards_swapped(layers, lambda layer: export_forward_for(layer.experts, form)):
         yield model
-    finally:
-        for experts, previous in reversed(patched):
-            if previous is _MISSING:
-                del experts.forward
-            else:
-                experts.forward = previous
-
-
-_MISSING = object()

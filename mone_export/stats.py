@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mone_export.adapters import MoeLayer, expert_forward, moe_layers_or_error
+from mone_export.adapters import MoeLayer, expert_forward, experts_forwards_swapped, moe_layers_or_error
 from mone_export.errors import UsageError
 from mone_export.fingerprint import experts_dtype, experts_fingerprints
 from mone_export.progress import progress_bar
@@ -171,22 +171,14 @@ def recording_experts(model: nn.Module, stats: dict[int, LayerStats], only: Iter
     if only is not None:
         wanted = set(only)
         layers = [layer for layer in layers if layer.index in wanted]
-    patched: list[MoeLayer] = []
-    try:
-        for layer in layers:
-            layer.experts.forward = _instrumented_forward(stats[layer.index], layer.experts)
-            patched.append(layer)
+    with experts_forwards_swapped(layers, lambda layer: _instrumented_forward(stats[layer.index], layer.experts)):
         yield
-    finally:
-        for layer in patched:
-            # The instance attribute shadows the class forward; deleting it restores the original.
-            del layer.experts.forward
 
 
 def check_unpruned(layers: list[MoeLayer]) -> None:
     """A clear error when a layer was already pruned: statistics are collected on the original experts."""
     for layer in layers:
-        if not hasattr(layer.experts, "gate_up_proj") or getattr(layer.experts, "is_pruned", False):
+        if getattr(layer.experts, "is_pruned", False):
             raise UsageError(
                 f"layer {layer.index} is already pruned; collect statistics on the original model "
                 "(load it again) and apply the plan afterwards."
