@@ -16,7 +16,7 @@ __all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEP
            "check_exportable", "check_prunable", "experts_interface_types"]
 
 COVERED = sorted([
-    "aria_text", "axk1", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+    "aria_text", "axk1", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
     "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1",
     "laguna", "mellum", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
 ])
@@ -38,6 +38,9 @@ PRUNE_ONLY = {
     "inkling_text": _HYBRID, "inkling2_text": _HYBRID, "inkling2_loop_text": _HYBRID, "lara_mini": _HYBRID,
     "minimax": _HYBRID, "nemotron_h": _HYBRID,
     "deepseek_v4": _SHAPES, "mimo_v2_flash": _SHAPES,
+    "cohere2_moe": ("exports and matches PyTorch on short prompts, but the main command's validation on longer "
+                    "prompts measures 1.2e-4 to 1.6e-3 logit errors with a MoNE plan, over its 1e-4 gate: not "
+                    "investigated yet"),
 }
 """Types that calibrate and prune in PyTorch (the one expert formula reproduces them, a MoNE plan applies) but do not
 export yet, and why."""
