@@ -138,6 +138,14 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
                        help="graph form of the routed experts: dispatch (one branch per expert, fastest on the CPU "
                        "provider), fused (one com.microsoft.MoE node per layer, dispatch kept on the GPU); auto: "
                        "fused with --provider cuda, else dispatch")
+    group.add_argument("--quant", default="none", choices=["none", "int4", "int8"],
+                       help="quantise the weights block-wise (MatMulNBits / GatherBlockQuantized; routers and "
+                       "novice biases stay float32), validated against PyTorch with the same weights (default none)")
+    group.add_argument("--quant-block-size", type=int, default=32,
+                       help="elements per quantisation block, a power of two >= 16 (default 32)")
+    group.add_argument("--quant-accuracy-level", type=int, default=4, choices=[0, 4],
+                       help="MatMulNBits accuracy level: 4 quantises activations to int8 (fast on CPU), 0 keeps "
+                       "them float (default 4)")
     group.add_argument("--atol", type=float, default=None, help=ATOL_HELP)
     group.add_argument("--no-validate", dest="validate", action="store_false",
                        help="skip the parity, memory and latency checks (and the unpruned export they compare to)")
@@ -199,7 +207,9 @@ class ExportCommand(Command):
                                 provider=args.provider, validate=args.validate, overwrite=args.overwrite,
                                 progress=not args.quiet, plan_dir=args.plan, atol=args.atol,
                                 keep_failed=args.keep_failed, allow_other_weights=args.allow_other_weights,
-                                streaming=args.streaming, moe_form=args.moe_form)
+                                streaming=args.streaming, moe_form=args.moe_form, quant=args.quant,
+                                quant_block_size=args.quant_block_size,
+                                quant_accuracy_level=args.quant_accuracy_level)
         except ParityError as exc:
             _print_parity_report(args, self, exc)
             raise

@@ -462,29 +462,57 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return detached.view(_INT_OF_SIZE[detached.element_size()]).numpy()
 
 
-def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]]:
-    """Every layout in which the exporter may store a parameter or buffer: as is, transposed, per-expert slices.
+@dataclasses.dataclass(frozen=True)
+class ExportedWeight:
+    """Where an initializer the export names came from: a parameter (or buffer), one expert's slot of an expert
+    stack ``[E, a, b]``, as stored or transposed."""
 
-    Expert stacks ``[E, a, b]`` (``gate_up_proj``, ``down_proj``) are named per expert id
+    parameter: str
+    """The model's parameter or buffer name."""
+    slot: int | None
+    """Index into the stack's first dimension, or None for the whole tensor."""
+    transposed: bool
+
+    def view(self, tensor):
+        """The initializer's array as a view of the parameter (numpy array or torch tensor alike)."""
+        tensor = tensor if self.slot is None else tensor[self.slot]
+        return tensor.T if self.transposed else tensor
+
+
+def exported_weight_names(model: nn.Module) -> dict[str, ExportedWeight]:
+    """Every name the export may give an initializer (:func:`name_initializers`), in priority order.
+
+    A parameter ``p`` is ``p`` as stored or ``p.T`` transposed (the exporter folds Linear / expert weights into
+    ``W.T``); expert stacks ``[E, a, b]`` (``gate_up_proj``, ``down_proj``) are named per expert id
     (``model.layers.3.mlp.experts.5.gate_up_proj.T``); for ``NoviceExperts`` the slot is mapped to its expert id.
     """
-    layouts: dict[str, tuple[tuple[int, ...], object]] = {}
+    names: dict[str, ExportedWeight] = {}
     modules = dict(model.named_modules())
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if not tensor.is_floating_point() or tensor.is_meta:  # a layer-streamed model's unloaded layers
             continue
-        shape = tuple(tensor.shape)
         # Transposed layouts first: the exporter folds Linear / expert weights into W.T.
         if tensor.dim() == 2:
-            layouts[name + ".T"] = (shape[::-1], lambda t=tensor: _bits(t).T)
+            names[name + ".T"] = ExportedWeight(name, None, True)
         if tensor.dim() <= 2:
-            layouts[name] = (shape, lambda t=tensor: _bits(t))
+            names[name] = ExportedWeight(name, None, False)
         if tensor.dim() == 3:
             owner, _, leaf = name.rpartition(".")
-            ids = getattr(modules.get(owner), "real_ids", None) or list(range(shape[0]))
-            for slot, expert in enumerate(ids[: shape[0]]):
-                layouts[f"{owner}.{expert}.{leaf}.T"] = (shape[:0:-1], lambda t=tensor, s=slot: _bits(t)[s].T)
-                layouts[f"{owner}.{expert}.{leaf}"] = (shape[1:], lambda t=tensor, s=slot: _bits(t)[s])
+            ids = getattr(modules.get(owner), "real_ids", None) or list(range(tensor.shape[0]))
+            for slot, expert in enumerate(ids[: tensor.shape[0]]):
+                names[f"{owner}.{expert}.{leaf}.T"] = ExportedWeight(name, slot, True)
+                names[f"{owner}.{expert}.{leaf}"] = ExportedWeight(name, slot, False)
+    return names
+
+
+def _named_layouts(model: nn.Module) -> dict[str, tuple[tuple[int, ...], object]]:
+    """:func:`exported_weight_names` with each array's shape and a function returning its bits (a view)."""
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    layouts: dict[str, tuple[tuple[int, ...], object]] = {}
+    for name, weight in exported_weight_names(model).items():
+        tensor = tensors[weight.parameter]
+        shape = tuple(weight.view(tensor.detach()).shape)  # a view: no copy
+        layouts[name] = (shape, lambda t=tensor, w=weight: w.view(_bits(t)))
     return layouts
 
 
@@ -509,10 +537,11 @@ def _run_graph_passes(model):
 
 
 def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], target: torch.dtype,
-                         run_passes: bool = True, log=logger.debug):
+                         run_passes: bool = True, log=logger.debug, quantization=None):
     """What follows the trace: initializers named after the parameters they hold, the dispatch's routing weights
-    named ``routing_names`` (one per traced MoE layer), tied weights shared, the graph passes, and in a
-    half-precision export the float32 constants with exact half values stored narrow. Returns the model."""
+    named ``routing_names`` (one per traced MoE layer), tied weights shared, the graph passes, with ``quantization``
+    (a :class:`~mone_export.quantization.WeightQuantization`) the weights quantised, and in a half-precision export
+    the float32 constants with exact half values stored narrow. Returns the model."""
     import onnx_ir as ir
     import onnx_ir.passes.common  # noqa: F401  (IdentityEliminationPass)
 
@@ -527,6 +556,11 @@ def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], 
         log("tied weights: %d MatMul(s) now read the untransposed initializer", shared)
     if run_passes:
         ir_model = _run_graph_passes(ir_model)
+    if quantization is not None:
+        from mone_export.quantization import quantize_export
+
+        count = quantize_export(ir_model, source, quantization)
+        log("%d weights quantised to %s (block %d)", count, quantization.name, quantization.block_size)
     if target in (torch.float16, torch.bfloat16):
         narrow = ir.DataType.FLOAT16 if target == torch.float16 else ir.DataType.BFLOAT16
         stored = store_float32_as(ir_model, narrow)
@@ -545,6 +579,7 @@ def export_onnx(
     external_data: bool | None = None,
     run_passes: bool = True,
     moe_form: str = "dispatch",
+    quantization=None,
 ) -> Path:
     """Export a (pruned) transformers MoE causal LM to ONNX with KV cache and return the written ``.onnx`` path.
 
@@ -561,6 +596,8 @@ def export_onnx(
         moe_form: ``dispatch`` (one branch per real expert: the fastest form on ONNX Runtime's CPU provider) or
             ``fused`` (the real experts of a layer as one ``com.microsoft.MoE`` node, the dispatch kept on the device:
             the GPU form). Novices are the same bias node in both (docs/graph.md).
+        quantization: a :class:`~mone_export.quantization.WeightQuantization` (``int4``/``int8`` weights, float32
+            routers and novice biases: :mod:`mone_export.quantization`), or None for float weights. Needs ``fp32``.
 
     The file is written in place of any previous one; for an atomic folder use
     :func:`mone_export.output_folder.write_output_folder`.
@@ -575,6 +612,9 @@ def export_onnx(
     moe_layers_or_error(model)
     check_exportable(model.config)
     target = parse_dtype(dtype)
+    if quantization is not None and target != torch.float32:
+        raise UsageError("--quant needs --dtype fp32: the quantised kernels take float32 activations here "
+                         "(ONNX Runtime's CPU path); pass --dtype fp32.")
     output = Path(output)
     path = output if output.suffix == ".onnx" else output / MODEL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -593,7 +633,8 @@ def export_onnx(
         ir_model = ir.load(raw)
         log("traced in %.1f s: %d nodes, %.1f MB of weights", time.perf_counter() - started,
             len(ir_model.graph), initializer_bytes(ir_model) / 1e6)
-        ir_model = process_traced_graph(ir_model, source, routing_weights_names(source), target, run_passes, log)
+        ir_model = process_traced_graph(ir_model, source, routing_weights_names(source), target, run_passes, log,
+                                        quantization)
         finalize_model(ir_model, opset=opset, producer_version=__version__)
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)

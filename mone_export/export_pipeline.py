@@ -147,6 +147,14 @@ class ExportOptions:
     """``fp32`` or ``fp16`` (``bf16`` only with ``validate=False``)."""
     provider: str = "cpu"
     """ONNX Runtime provider of the validation: ``cpu`` or ``cuda``."""
+    quant: str = "none"
+    """Weights in the export: ``none`` (the ``dtype``), ``int4`` or ``int8`` (block-wise ``MatMulNBits`` /
+    ``GatherBlockQuantized``, routers and novice biases in float32: :mod:`mone_export.quantization`). Needs
+    ``dtype="fp32"``."""
+    quant_block_size: int = 32
+    """Elements per quantisation block along the contraction dimension (a power of two >= 16)."""
+    quant_accuracy_level: int = 4
+    """``MatMulNBits`` accuracy level: 4 (int8 activations, the fast CPU path) or 0 (float activations)."""
     moe_form: str = "auto"
     """Graph form of the routed experts (:func:`resolve_moe_form`): ``dispatch``, ``fused``, or ``auto`` (fused for
     ``provider="cuda"``)."""
@@ -229,9 +237,13 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
         check_pruning_options(method, scope, calib)
     if validate:
         check_provider(provider)
-    preflight(model, None if plan_path else calib)
     form = resolve_moe_form(options.moe_form, provider)
+    quantization = _quantization(options, dtype, form)
+    preflight(model, None if plan_path else calib)
     if use_streaming(model, options.streaming):
+        if quantization is not None:
+            raise UsageError("--quant is not available in a layer-streamed run yet; pass --streaming off if the "
+                             "model fits in memory, or export without --quant.")
         return export_model_streamed(model, ratio, folder, dataclasses.replace(options, dtype=dtype, moe_form=form),
                                      plan_path)
     source = _source_record(str(model))
@@ -267,7 +279,8 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
                 with run.stage("export unpruned"):
                     if plan.num_pruned:
                         baseline = scratch.folder("unpruned")
-                        export_onnx(loaded, baseline, dtype=dtype, progress=False, moe_form=form)
+                        export_onnx(loaded, baseline, dtype=dtype, progress=False, moe_form=form,
+                                    quantization=quantization)
             apply_plan(loaded, plan)
             report = {
                 "command": "export",
@@ -277,6 +290,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
                 "output": str(folder),
                 "onnx": str(folder / MODEL_FILE),
                 "dtype": dtype,
+                "quantization": None if quantization is None else quantization.to_dict(),
                 "provider": provider,
                 "moe_form": form,
                 **plan.summary(),
@@ -288,7 +302,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
             with run.stage("export"):
                 # Exits first (LIFO): the folder replaces the previous output, then the scratch folder goes.
                 tmp = writing.enter_context(
-                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form), folder, plan=plan,
+                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form, quantization), folder, plan=plan,
                                   overwrite=overwrite, dtype=dtype))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
             bound = lower_bound_bytes(loaded, dtype)
@@ -350,11 +364,27 @@ def resolve_moe_form(moe_form: str, provider: str) -> str:
     return moe_form
 
 
-def _exporter(model, dtype: str, form: str):
+def _exporter(model, dtype: str, form: str, quantization=None):
     """Writes ``model``'s export in graph form ``form`` to the path it is given (for the output folder)."""
     from mone_export.export import export_onnx
 
-    return lambda target: export_onnx(model, target, dtype=dtype, progress=False, moe_form=form)
+    return lambda target: export_onnx(model, target, dtype=dtype, progress=False, moe_form=form,
+                                      quantization=quantization)
+
+
+def _quantization(options: ExportOptions, dtype: str, form: str):
+    """The export's :class:`~mone_export.quantization.WeightQuantization` (None without ``--quant``), checked."""
+    from mone_export.quantization import quantization_config
+
+    quantization = quantization_config(options.quant, options.quant_block_size, options.quant_accuracy_level)
+    if quantization is not None and dtype != "fp32":
+        raise UsageError(f"--quant {options.quant} needs --dtype fp32 (the quantised kernels take float32 "
+                         "activations); drop --dtype or --quant.")
+    if quantization is not None and form == "fused":
+        raise UsageError(f"--quant {options.quant} quantises the dispatch form's expert MatMuls; the fused MoE node "
+                         "(--moe-form fused, the default with --provider cuda) keeps float weights. Pass "
+                         "--moe-form dispatch.")
+    return quantization
 
 
 def use_streaming(model, streaming: str) -> bool:

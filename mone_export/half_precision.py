@@ -22,6 +22,13 @@ ones see hidden states that flip already changed: "downstream"); a first flip be
 side's near-tie flip on (that token and, through attention, every later token of the prompt) its logits are not
 compared; the report counts the flips and the positions compared. PyTorch fp16's own flips are never failures: they
 only remove its positions from the yardstick.
+
+**Quantised weights** (``--quant int4|int8``) are judged by the same rules with another yardstick
+(:func:`quantized_yardstick`): the float32 PyTorch model whose quantised weights are replaced by exactly the values
+the export's blocks stand for (:func:`mone_export.quantization.dequantized_model`). It shows what the weight format
+costs by itself; ONNX Runtime's kernels (int8 activations at ``accuracy_level`` 4) may add at most half as much
+again, plus ε = ``atol``. The report's section is ``quantization`` and its fields are prefixed ``torch_int4`` /
+``torch_int8`` where a float16 export's are ``torch_fp16``.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ import torch
 
 from mone_export.adapters import moe_layers_or_error
 
-__all__ = ["FACTOR", "NEAR_TIE_FACTOR", "epsilon", "RouterRecorder", "routing_outputs", "float32_reference",
-           "check_half_logits", "check_half_generation"]
+__all__ = ["FACTOR", "HALF_PRECISION", "NEAR_TIE_FACTOR", "Yardstick", "epsilon", "RouterRecorder", "routing_outputs",
+           "float32_reference", "check_half_logits", "check_half_generation", "quantized_yardstick"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,45 @@ MAX_LISTED_FLIPS = 20
 """Routing flips listed one by one in the report (all are counted)."""
 
 _ROUTING_VALUE = re.compile(r"^model\.layers\.(\d+)\.[A-Za-z_]\w*\.routing_weights$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Yardstick:
+    """What a reduced-precision export is measured by: PyTorch's own version of the same reduction.
+
+    The float16 export's yardstick is the model run by PyTorch in float16 (:data:`HALF_PRECISION`); a quantised
+    export's is the float32 model with the same weights quantised and dequantised (:func:`quantized_yardstick`): the
+    error the weight format costs by itself, before ONNX Runtime's kernels add theirs.
+    """
+
+    key: str
+    """Prefix of the yardstick's fields in the report (``torch_fp16`` → ``torch_fp16_max_abs_diff``)."""
+    label: str
+    """How messages name it (``PyTorch fp16``)."""
+    description: str
+    """The summary's ``yardstick`` field."""
+    section: str
+    """The validation report's section for the comparison (``half_precision``, ``quantization``)."""
+    export_label: str
+    """How messages name the export (``ONNX Runtime fp16``)."""
+    half_ulp_floor: bool = False
+    """ε has a floor of one float16 ulp of the largest logit (float16 logits land on a float16 grid)."""
+
+    def epsilon(self, atol: float, reference_max_abs: float) -> float:
+        """ε of the logits bound (:func:`epsilon` for float16 exports, ``atol`` otherwise)."""
+        return epsilon(atol, reference_max_abs) if self.half_ulp_floor else float(atol)
+
+
+HALF_PRECISION = Yardstick(key="torch_fp16", label="PyTorch fp16", description="PyTorch float16",
+                           section="half_precision", export_label="ONNX Runtime fp16", half_ulp_floor=True)
+"""The yardstick of a float16 export."""
+
+
+def quantized_yardstick(name: str) -> Yardstick:
+    """The yardstick of an export whose weights are quantised to ``name`` (``int4``, ``int8``)."""
+    return Yardstick(key=f"torch_{name}", label=f"PyTorch {name}-weights",
+                     description=f"PyTorch float32 with the export's {name} weights, dequantised",
+                     section="quantization", export_label=f"ONNX Runtime {name}")
 
 
 def epsilon(atol: float, reference_max_abs: float) -> float:
@@ -138,16 +184,16 @@ class _Step:
     positions: np.ndarray
     """[B, S] absolute positions of the step's tokens."""
     errors: dict[str, np.ndarray]
-    """side (``onnx``, ``torch_fp16``) → [B, S] max |Δ| against float32 over the vocabulary."""
+    """side (``onnx``, ``yardstick``) → [B, S] max |Δ| against float32 over the vocabulary."""
     mean: float
     """mean |Δ| of ONNX Runtime's logits against float32, all positions."""
     reference_max: float
     routing: dict[str, dict[int, np.ndarray]]
-    """side (``reference``, ``onnx``, ``torch_fp16``) → layer → [B·S, E] selected experts."""
+    """side (``reference``, ``onnx``, ``yardstick``) → layer → [B·S, E] selected experts."""
     reference_logits: dict[int, np.ndarray]
     """layer → [B·S, E] float32 router logits."""
     half_logits: dict[int, np.ndarray]
-    """layer → [B·S, E] PyTorch fp16 router logits."""
+    """layer → [B·S, E] the yardstick's router logits."""
 
 
 def _errors(side_logits, reference: torch.Tensor) -> np.ndarray:
@@ -163,7 +209,8 @@ def _numpy_routing(calls: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple
 
 def _run_steps(probe, names: dict[int, str], reference, yardstick, prompts: torch.Tensor,
                decode_steps: int) -> list[_Step]:
-    """Prefill and ``decode_steps`` greedy steps (float32's choice) of ONNX Runtime, float32 and fp16 PyTorch."""
+    """Prefill and ``decode_steps`` greedy steps (float32's choice) of ONNX Runtime, float32 PyTorch and the
+    yardstick."""
     from mone_export.reference import torch_step
 
     batch, length = prompts.shape
@@ -185,10 +232,10 @@ def _run_steps(probe, names: dict[int, str], reference, yardstick, prompts: torc
             steps.append(_Step(
                 name="logits at prefill" if step == 0 else f"logits at decode step {step}",
                 positions=positions.copy(),
-                errors={"onnx": onnx_errors, "torch_fp16": _errors(half_logits, ref_logits)},
+                errors={"onnx": onnx_errors, "yardstick": _errors(half_logits, ref_logits)},
                 mean=float(np.abs(onnx_logits.astype(np.float64) - ref_logits.double().numpy()).mean()),
                 reference_max=float(ref_logits.abs().max()),
-                routing={"reference": ref_selected, "onnx": onnx_selected, "torch_fp16": half_selected},
+                routing={"reference": ref_selected, "onnx": onnx_selected, "yardstick": half_selected},
                 reference_logits=ref_router, half_logits=half_router))
             ids = ref_logits[:, -1].float().argmax(-1).reshape(batch, 1).numpy()
             total = length + step + 1
@@ -249,7 +296,7 @@ def _first_positions(flips: list[dict[str, Any]], batch: int) -> np.ndarray:
 
 
 def _near_tie_margin(steps: list[_Step], half_first: np.ndarray) -> float:
-    """δ: :data:`NEAR_TIE_FACTOR` × PyTorch fp16's largest router-logit change before its own first flips."""
+    """δ: :data:`NEAR_TIE_FACTOR` × the yardstick's largest router-logit change before its own first flips."""
     largest, fallback = 0.0, 0.0
     for step in steps:
         clean = (step.positions < half_first[:, None]).reshape(-1)
@@ -269,19 +316,19 @@ def _compared_max(errors: np.ndarray, clean: np.ndarray) -> float | None:
     return float(errors[clean].max()) if clean.any() else None
 
 
-def _row(step: _Step, onnx_first: np.ndarray, half_first: np.ndarray) -> dict[str, Any]:
+def _row(step: _Step, onnx_first: np.ndarray, half_first: np.ndarray, key: str) -> dict[str, Any]:
     onnx_clean = step.positions < onnx_first[:, None]
     half_clean = step.positions < half_first[:, None]
-    onnx, half = step.errors["onnx"], step.errors["torch_fp16"]
+    onnx, half = step.errors["onnx"], step.errors["yardstick"]
     return {"output": step.name, "max_abs_diff": _compared_max(onnx, onnx_clean), "mean_abs_diff": step.mean,
             "max_abs_diff_all_positions": float(onnx.max()), "positions": int(onnx.size),
             "positions_compared": int(onnx_clean.sum()),
-            "torch_fp16_max_abs_diff": _compared_max(half, half_clean),
-            "torch_fp16_max_abs_diff_all_positions": float(half.max()),
-            "torch_fp16_positions_compared": int(half_clean.sum()), "finite": bool(np.isfinite(onnx).all())}
+            f"{key}_max_abs_diff": _compared_max(half, half_clean),
+            f"{key}_max_abs_diff_all_positions": float(half.max()),
+            f"{key}_positions_compared": int(half_clean.sum()), "finite": bool(np.isfinite(onnx).all())}
 
 
-def _routing_failure(hard: list[dict[str, Any]], delta: float):
+def _routing_failure(hard: list[dict[str, Any]], delta: float, kind: Yardstick):
     from mone_export.validate import ParityFailure
 
     worst = max(hard, key=lambda f: f["margin"])
@@ -290,14 +337,14 @@ def _routing_failure(hard: list[dict[str, Any]], delta: float):
     return ParityFailure("routing (experts chosen per token)",
                          f"{len(hard)} token-layer(s) routed to other experts than float32 PyTorch beyond a near tie; "
                          f"largest float32 margin {worst['margin']:.3g} ({where})",
-                         f"near ties only: float32 margin ≤ δ {delta:.2g} (2 × PyTorch fp16's largest router-logit "
+                         f"near ties only: float32 margin ≤ δ {delta:.2g} (2 × {kind.label}'s largest router-logit "
                          "change)", worst["margin"])
 
 
-def _logits_failures(rows: list[dict], bound: float, yardstick: float, eps: float) -> list:
+def _logits_failures(rows: list[dict], bound: float, yardstick: float, eps: float, kind: Yardstick) -> list:
     from mone_export.validate import ParityFailure
 
-    tolerance = f"{FACTOR} × PyTorch fp16's {yardstick:.3g} + ε {eps:.2g} = {bound:.3g} (against float32 PyTorch)"
+    tolerance = f"{FACTOR} × {kind.label}'s {yardstick:.3g} + ε {eps:.2g} = {bound:.3g} (against float32 PyTorch)"
     failures = []
     for row in rows:
         if not row["passed"]:
@@ -305,8 +352,8 @@ def _logits_failures(rows: list[dict], bound: float, yardstick: float, eps: floa
             if not row["finite"]:
                 by = "non-finite logits"
             else:
-                half = row["torch_fp16_max_abs_diff"]
-                by = f"max |Δ| {got:.3g} (mean |Δ| {row['mean_abs_diff']:.3g}; PyTorch fp16 " \
+                half = row[f"{kind.key}_max_abs_diff"]
+                by = f"max |Δ| {got:.3g} (mean |Δ| {row['mean_abs_diff']:.3g}; {kind.label} " \
                      f"{'n/a' if half is None else f'{half:.3g}'})"
             failures.append(ParityFailure(row["output"], by, tolerance, got))
     if not any(row["positions_compared"] for row in rows):
@@ -316,19 +363,21 @@ def _logits_failures(rows: list[dict], bound: float, yardstick: float, eps: floa
 
 
 def check_half_logits(onnx_path: str | Path, provider: str, reference, yardstick, prompts: torch.Tensor,
-                      decode_steps: int, atol: float) -> tuple[list[dict], dict, list]:
-    """Logits of a float16 export against float32 PyTorch, by the yardstick of PyTorch fp16 (module docstring).
+                      decode_steps: int, atol: float, kind: Yardstick = HALF_PRECISION
+                      ) -> tuple[list[dict], dict, list]:
+    """Logits of a float16 (or quantised) export against float32 PyTorch, by a yardstick (module docstring).
 
     Args:
         onnx_path: the export's ``model.onnx``.
         provider: ONNX Runtime provider (``cpu``/``cuda``).
-        reference: the float32 PyTorch model; ``yardstick``: the same model in float16.
+        reference: the float32 PyTorch model; ``yardstick``: the same model in float16 (or with the export's
+            quantised weights), described by ``kind``.
         prompts: ``[B, L]`` token ids, prefilled as one batch, then ``decode_steps`` greedy steps (float32's choice).
-        atol: the floor of ε (see :func:`epsilon`).
+        atol: the floor of ε (see :meth:`Yardstick.epsilon`).
 
     Returns:
         ``(rows, summary, failures)``: one row per step (``max_abs_diff`` is ONNX Runtime's error on the compared
-        positions, ``tolerance`` the bound), the ``half_precision`` summary of the report, and the failed checks.
+        positions, ``tolerance`` the bound), the summary of the report's ``kind.section``, and the failed checks.
     """
     from mone_export.ort_session import OrtDecoder
 
@@ -337,38 +386,40 @@ def check_half_logits(onnx_path: str | Path, provider: str, reference, yardstick
     steps = _run_steps(probe, names, reference, yardstick, prompts, decode_steps)
     del probe
     batch = prompts.shape[0]
-    half_flips = _flips(steps, "torch_fp16")
+    half_flips = _flips(steps, "yardstick")
     _classify(half_flips, None)
     half_first = _first_positions(half_flips, batch)
     delta = _near_tie_margin(steps, half_first)
     onnx_flips = _flips(steps, "onnx") if names else []
     _classify(onnx_flips, delta)
     onnx_first = _first_positions(onnx_flips, batch)
-    rows = [_row(step, onnx_first, half_first) for step in steps]
-    compared = [r["torch_fp16_max_abs_diff"] for r in rows if r["torch_fp16_max_abs_diff"] is not None]
-    yard = max(compared) if compared else max(r["torch_fp16_max_abs_diff_all_positions"] for r in rows)
-    eps = epsilon(atol, max(step.reference_max for step in steps))
+    key = kind.key
+    rows = [_row(step, onnx_first, half_first, key) for step in steps]
+    compared = [r[f"{key}_max_abs_diff"] for r in rows if r[f"{key}_max_abs_diff"] is not None]
+    yard = max(compared) if compared else max(r[f"{key}_max_abs_diff_all_positions"] for r in rows)
+    eps = kind.epsilon(atol, max(step.reference_max for step in steps))
     bound = FACTOR * yard + eps
     for row in rows:
         row["tolerance"] = bound
         row["passed"] = row["finite"] and (row["max_abs_diff"] is None or row["max_abs_diff"] <= bound)
     hard = [f for f in onnx_flips if f["kind"] == "beyond"]
-    failures = _logits_failures(rows, bound, yard, eps)
+    failures = _logits_failures(rows, bound, yard, eps, kind)
     if hard:
-        failures.append(_routing_failure(hard, delta))
+        failures.append(_routing_failure(hard, delta, kind))
     judged = [r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None]
     summary = {
-        "reference": "PyTorch float32", "yardstick": "PyTorch float16", "factor": FACTOR, "atol": float(atol),
+        "reference": "PyTorch float32", "yardstick": kind.description, "yardstick_key": kind.key,
+        "yardstick_label": kind.label, "export_label": kind.export_label, "factor": FACTOR, "atol": float(atol),
         "epsilon": eps, "largest_reference_logit": max(step.reference_max for step in steps),
-        "torch_fp16_max_abs_diff": yard, "bound": bound, "onnx_max_abs_diff": max(judged) if judged else None,
+        f"{key}_max_abs_diff": yard, "bound": bound, "onnx_max_abs_diff": max(judged) if judged else None,
         "onnx_max_abs_diff_all_positions": max(r["max_abs_diff_all_positions"] for r in rows),
-        "torch_fp16_max_abs_diff_all_positions": max(r["torch_fp16_max_abs_diff_all_positions"] for r in rows),
+        f"{key}_max_abs_diff_all_positions": max(r[f"{key}_max_abs_diff_all_positions"] for r in rows),
         "routing": {
             "available": bool(names), "near_tie_margin": delta,
             "onnx_flips": len(onnx_flips), "onnx_near_ties": _count(onnx_flips, "near_tie"),
             "onnx_beyond_near_tie": len(hard), "onnx_downstream": _count(onnx_flips, "downstream"),
-            "torch_fp16_flips": len(half_flips), "torch_fp16_near_ties": _count(half_flips, "near_tie"),
-            "onnx": onnx_flips[:MAX_LISTED_FLIPS], "torch_fp16": half_flips[:MAX_LISTED_FLIPS],
+            f"{key}_flips": len(half_flips), f"{key}_near_ties": _count(half_flips, "near_tie"),
+            "onnx": onnx_flips[:MAX_LISTED_FLIPS], key: half_flips[:MAX_LISTED_FLIPS],
         },
     }
     if not names:
@@ -402,42 +453,43 @@ def _agreement(tokens: list[int], reference: list[int], reference_logits: list[t
 
 
 def check_half_generation(decoder, reference, yardstick, prompts: torch.Tensor, new_tokens: int,
-                          bound: float) -> tuple[dict, list]:
-    """Greedy tokens of ONNX Runtime and of PyTorch fp16, each against float32's ``model.generate``.
+                          bound: float, kind: Yardstick = HALF_PRECISION) -> tuple[dict, list]:
+    """Greedy tokens of ONNX Runtime and of the yardstick (``kind``), each against float32's ``model.generate``.
 
     Agreement is the number of new tokens that follow float32's, a divergence at a near tie (float32's logits of the
     two tokens within ``bound``) counting as agreement for the rest of that prompt; ONNX Runtime's may not fall below
-    PyTorch fp16's. Returns ``(generation summary, failures)``.
+    the yardstick's. Returns ``(generation summary, failures)``.
     """
     from mone_export.ort_session import greedy_ort
     from mone_export.reference import eos_ids, greedy_torch
     from mone_export.validate import ParityFailure
 
     eos = eos_ids(reference)
-    per_prompt, totals = [], {"onnx": 0, "torch_fp16": 0, "tokens": 0}
+    key = kind.key
+    per_prompt, totals = [], {"onnx": 0, key: 0, "tokens": 0}
     for index, prompt in enumerate(prompts):
         want, logits = greedy_torch(reference, prompt, new_tokens, eos)
         half, _ = greedy_torch(yardstick, prompt, new_tokens, eos)
         onnx = _agreement(greedy_ort(decoder, prompt.numpy(), new_tokens, eos), want, logits, bound)
         fp16 = _agreement(half, want, logits, bound)
         totals["onnx"] += onnx["agreeing"]
-        totals["torch_fp16"] += fp16["agreeing"]
+        totals[key] += fp16["agreeing"]
         totals["tokens"] += len(want)
         per_prompt.append({"prompt": index, "torch": want, "identical": onnx["identical"],
                            "onnx": onnx.pop("tokens"), "onnx_agreement": onnx,
-                           "torch_fp16": fp16.pop("tokens"), "torch_fp16_agreement": fp16,
+                           key: fp16.pop("tokens"), f"{key}_agreement": fp16,
                            **({"near_tie": True} if onnx.get("near_tie") else {})})
     failures = []
-    if totals["onnx"] < totals["torch_fp16"]:
+    if totals["onnx"] < totals[key]:
         failures.append(ParityFailure(
             "greedy agreement with float32 PyTorch",
-            f"ONNX Runtime fp16 follows float32 on {totals['onnx']}/{totals['tokens']} new tokens, PyTorch fp16 on "
-            f"{totals['torch_fp16']}/{totals['tokens']}",
-            f"at least PyTorch fp16's agreement (a divergence at a near tie within {bound:.2g} counts as agreement)",
+            f"{kind.export_label} follows float32 on {totals['onnx']}/{totals['tokens']} new tokens, {kind.label} on "
+            f"{totals[key]}/{totals['tokens']}",
+            f"at least {kind.label}'s agreement (a divergence at a near tie within {bound:.2g} counts as agreement)",
             None))
     summary = {"new_tokens": new_tokens, "prompts": len(per_prompt), "reference": "PyTorch float32",
                "identical": sum(p["identical"] for p in per_prompt),
-               "torch_fp16_identical": sum(p["torch_fp16_agreement"]["identical"] for p in per_prompt),
+               f"{key}_identical": sum(p[f"{key}_agreement"]["identical"] for p in per_prompt),
                "near_ties": sum(bool(p.get("near_tie")) for p in per_prompt),
                "agreement": totals, "passed": not failures, "per_prompt": per_prompt}
     return summary, failures

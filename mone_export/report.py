@@ -70,7 +70,8 @@ def render_markdown(report: dict) -> str:
     lines += [
         f"- method `{report.get('method')}`, ratio {report.get('ratio')}, scope `{report.get('scope')}`; "
         f"{report.get('num_pruned', 0)} of {report.get('num_experts', 0)} routed experts pruned",
-        f"- export: `{report.get('onnx', 'model.onnx')}`, dtype {report.get('dtype')}, validated on "
+        f"- export: `{report.get('onnx', 'model.onnx')}`, dtype {report.get('dtype')}{_quant_text(report)}, "
+        f"validated on "
         f"{report.get('provider')}: {verdict}",
         f"- plan: {report.get('plan_source', 'calibrated')}; calibration "
         f"{(report.get('calibration') or {}).get('source', 'n/a')}, "
@@ -105,44 +106,67 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _quant_text(report: dict) -> str:
+    """``, int4 weights (block 32)`` for a quantised export, else empty."""
+    quant = report.get("quantization")
+    return f", int{quant['bits']} weights (block {quant['block_size']})" if quant else ""
+
+
 def _g(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+YARDSTICK_SECTIONS = ("half_precision", "quantization")
+"""Validation report sections of an export judged against float32 by a yardstick (mone_export.half_precision)."""
+
+
+def _yardstick(validation: dict) -> dict | None:
+    """The yardstick verdict of a float16 or quantised export (None for an export judged by a fixed tolerance)."""
+    return next((validation[key] for key in YARDSTICK_SECTIONS if validation.get(key)), None)
+
+
+def _yardstick_names(half: dict) -> tuple[str, str, str]:
+    """(report field prefix, yardstick label, export label); reports written before the labels were recorded are
+    float16 verdicts."""
+    return (half.get("yardstick_key", "torch_fp16"), half.get("yardstick_label", "PyTorch fp16"),
+            half.get("export_label", "ONNX Runtime fp16"))
+
+
 def _half_markdown(validation: dict) -> list[str]:
-    """The float16 verdict: both errors against float32, the bound, greedy agreements and routing flips."""
-    half = validation["half_precision"]
+    """The float16 / quantised verdict: both errors against float32, the bound, greedy agreements, routing flips."""
+    half = _yardstick(validation)
+    key, label, export = _yardstick_names(half)
     routing = half.get("routing") or {}
+    floor = (f"ε = max(atol {half['atol']:.0e}, one float16 ulp of the largest logit "
+             f"{half['largest_reference_logit']:.3g})" if key == "torch_fp16" else f"ε = atol {half['atol']:.0e}")
     lines = [f"Judged against **{half['reference']}**, with {half['yardstick']} as the yardstick: ONNX Runtime's "
-             f"max |Δ| may be at most {half['factor']} × PyTorch fp16's + ε = {half['factor']} × "
-             f"{_g(half['torch_fp16_max_abs_diff'])} + {half['epsilon']:.2g} = **{_g(half['bound'])}** "
-             f"(ε = max(atol {half['atol']:.0e}, one float16 ulp of the largest logit "
-             f"{half['largest_reference_logit']:.3g})).", "",
-             "| output | ONNX Runtime fp16 max abs diff | PyTorch fp16 max abs diff | bound | positions compared "
-             "| all positions: ONNX Runtime / PyTorch fp16 | |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"max |Δ| may be at most {half['factor']} × {label}'s + ε = {half['factor']} × "
+             f"{_g(half[f'{key}_max_abs_diff'])} + {half['epsilon']:.2g} = **{_g(half['bound'])}** ({floor}).", "",
+             f"| output | {export} max abs diff | {label} max abs diff | bound | positions compared "
+             f"| all positions: ONNX Runtime / {label} | |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in validation.get("logits", []):
-        lines.append(f"| {row['output']} | {_g(row['max_abs_diff'])} | {_g(row['torch_fp16_max_abs_diff'])} | "
+        lines.append(f"| {row['output']} | {_g(row['max_abs_diff'])} | {_g(row[f'{key}_max_abs_diff'])} | "
                      f"{_g(row['tolerance'])} | {row['positions_compared']}/{row['positions']} | "
-                     f"{_g(row['max_abs_diff_all_positions'])} / {_g(row['torch_fp16_max_abs_diff_all_positions'])} "
+                     f"{_g(row['max_abs_diff_all_positions'])} / {_g(row[f'{key}_max_abs_diff_all_positions'])} "
                      f"| {'ok' if row['passed'] else 'FAIL'} |")
     if routing.get("available"):
         lines += ["", f"Routing against float32: ONNX Runtime sent {routing['onnx_flips']} token-layer(s) to other "
                       f"experts ({routing['onnx_near_ties']} at a near tie, {routing['onnx_beyond_near_tie']} "
-                      f"beyond, {routing['onnx_downstream']} downstream of an earlier flip), PyTorch fp16 "
-                      f"{routing['torch_fp16_flips']}; near tie: float32 margin ≤ δ {routing['near_tie_margin']:.2g}. "
+                      f"beyond, {routing['onnx_downstream']} downstream of an earlier flip), {label} "
+                      f"{routing[f'{key}_flips']}; near tie: float32 margin ≤ δ {routing['near_tie_margin']:.2g}. "
                       "Positions from a prompt's near-tie flip on are not compared."]
     else:
         lines += ["", "Routing of the export unknown (no named routing weights): every position is compared."]
     agreement = half.get("agreement")
     if agreement:
         lines += ["", f"Greedy agreement with float32: ONNX Runtime {agreement['onnx']}/{agreement['tokens']} "
-                      f"new tokens, PyTorch fp16 {agreement['torch_fp16']}/{agreement['tokens']} (must be at least "
-                      "PyTorch fp16's; a divergence at a near tie counts as agreement)."]
+                      f"new tokens, {label} {agreement[key]}/{agreement['tokens']} (must be at least "
+                      f"{label}'s; a divergence at a near tie counts as agreement)."]
     return lines
 
 
 def _validation_markdown(validation: dict) -> list[str]:
-    half = validation.get("half_precision")
+    half = _yardstick(validation)
     lines = ["", f"## Parity ({validation.get('provider')}, {validation.get('dtype')}, "
                  + (f"against float32, bound {_g(half['bound'])})" if half else f"atol {validation.get('atol'):.0e})"),
              "", f"Prompts: {validation['prompts']['count']} × {validation['prompts']['tokens']} tokens "
@@ -199,11 +223,13 @@ def _validation_markdown(validation: dict) -> list[str]:
 
 
 def _half_summary(validation: dict) -> str:
-    """One line for a float16 verdict: ONNX Runtime's and PyTorch fp16's errors against float32, the bound, agreement."""
-    half = validation["half_precision"]
-    text = (f"  parity ({validation['provider']}, float16 vs float32 PyTorch): logits max |Δ| "
-            f"{_g(half['onnx_max_abs_diff'])}, PyTorch fp16 {_g(half['torch_fp16_max_abs_diff'])}, bound "
-            f"{half['factor']}×{_g(half['torch_fp16_max_abs_diff'])}+{half['epsilon']:.2g} = {_g(half['bound'])}")
+    """One line for a float16 / quantised verdict: ONNX Runtime's and the yardstick's errors against float32, the
+    bound, agreement."""
+    half = _yardstick(validation)
+    key, label, export = _yardstick_names(half)
+    text = (f"  parity ({validation['provider']}, {export.removeprefix('ONNX Runtime ')} vs float32 PyTorch): logits "
+            f"max |Δ| {_g(half['onnx_max_abs_diff'])}, {label} {_g(half[f'{key}_max_abs_diff'])}, bound "
+            f"{half['factor']}×{_g(half[f'{key}_max_abs_diff'])}+{half['epsilon']:.2g} = {_g(half['bound'])}")
     routing = half.get("routing") or {}
     if routing.get("onnx_near_ties"):
         text += (f"; {routing['onnx_near_ties']} routing near tie(s) (max |Δ| "
@@ -211,7 +237,7 @@ def _half_summary(validation: dict) -> str:
     agreement = half.get("agreement")
     if agreement:
         text += (f"; greedy agreement with float32 {agreement['onnx']}/{agreement['tokens']} tokens "
-                 f"(PyTorch fp16 {agreement['torch_fp16']}/{agreement['tokens']})")
+                 f"({label} {agreement[key]}/{agreement['tokens']})")
     return text
 
 
@@ -230,11 +256,11 @@ def summary_text(report: dict) -> str:
     weights = report.get("weights") or {}
     if weights:
         lines.append(f"  weights: {_mb(weights.get('unpruned_bytes'))} unpruned -> {_mb(weights.get('pruned_bytes'))} "
-                     f"exported; lower bound {_mb(weights.get('lower_bound_bytes'))} "
+                     f"exported{_quant_text(report)}; lower bound {_mb(weights.get('lower_bound_bytes'))} "
                      f"(export = {weights.get('ratio_to_bound', 0):.4f}× the bound)")
     validation = report.get("validation")
     if validation:
-        half = validation.get("half_precision")
+        half = _yardstick(validation)
         if half:
             text = _half_summary(validation)
         else:

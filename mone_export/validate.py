@@ -21,7 +21,9 @@
 
 A **float16** export is judged differently (:mod:`mone_export.half_precision`): against the float32 PyTorch model,
 by the yardstick of the same model run by PyTorch in float16 (logits error at most 1.5 × PyTorch fp16's + ε,
-greedy agreement with float32 at least PyTorch fp16's, routing flips only at near ties).
+greedy agreement with float32 at least PyTorch fp16's, routing flips only at near ties). An export with
+**quantised weights** (``--quant``; the record in its metadata) is judged by the same rules, with the float32 model
+holding the export's dequantised weights as the yardstick (:mod:`mone_export.quantization`).
 
 Test prompts are fixed-length chunks of the held-out split of ``python-code`` (never calibration text), or seeded
 random ids when there is no tokenizer. Every failed check is a :class:`ParityFailure` that names the output, the
@@ -306,12 +308,28 @@ def validate_export(onnx_dir: str | os.PathLike, torch_model, options: Validatio
     if decoder.num_layers != int(torch_model.config.num_hidden_layers):
         raise UsageError(f"{decoder.path} has {decoder.num_layers} cached layers but the PyTorch model has "
                          f"{torch_model.config.num_hidden_layers}; validate the export against its own model.")
-    half = dtype_name == "float16"
-    if half:
-        from mone_export.half_precision import check_half_generation, check_half_logits, float32_reference
+    from mone_export.quantization import read_quantization
 
-        reference = float32_reference(torch_model)  # what an fp16 export is judged against; ``model``: the yardstick
-    model = reference_model(torch_model, dtype_name)
+    quantized = read_quantization(decoder.path)
+    half = dtype_name == "float16" or quantized is not None
+    if half:
+        from mone_export.half_precision import (
+            HALF_PRECISION,
+            check_half_generation,
+            check_half_logits,
+            float32_reference,
+            quantized_yardstick,
+        )
+
+        reference = float32_reference(torch_model)  # what the export is judged against; ``model``: the yardstick
+    if quantized is not None:
+        from mone_export.quantization import dequantized_model
+
+        kind = quantized_yardstick(f"int{quantized['bits']}")
+        model = dequantized_model(reference, quantized)
+    else:
+        kind = HALF_PRECISION if half else None
+        model = reference_model(torch_model, dtype_name)
     vocab = int(model.config.vocab_size)
     if tokenizer is None and Path(onnx_dir).is_dir():
         from mone_export.loading import load_tokenizer
@@ -335,8 +353,11 @@ def validate_export(onnx_dir: str | os.PathLike, torch_model, options: Validatio
 
     log("validating %s on %s: logits at prefill and %d decode steps", decoder.path, provider, decode_steps)
     if half:
-        report["logits"], report["half_precision"], found = check_half_logits(
-            decoder.path, provider, reference, model, ids, decode_steps, atol)
+        report["logits"], report[kind.section], found = check_half_logits(
+            decoder.path, provider, reference, model, ids, decode_steps, atol, kind)
+        if quantized is not None:
+            report[kind.section]["weights"] = {key: value for key, value in quantized.items() if key != "weights"}
+            report[kind.section]["weights"]["quantized"] = len(quantized["weights"])
     else:
         report["logits"], found = check_logits(decoder, model, ids, decode_steps, atol, dtype_name)
     failures += found
@@ -345,8 +366,8 @@ def validate_export(onnx_dir: str | os.PathLike, torch_model, options: Validatio
         log("greedy generation: %d prompts x %d new tokens", ids.shape[0], new_tokens)
         if half:
             report["generation"], found = check_half_generation(decoder, reference, model, ids, new_tokens,
-                                                                report["half_precision"]["bound"])
-            report["half_precision"]["agreement"] = report["generation"]["agreement"]
+                                                                report[kind.section]["bound"], kind)
+            report[kind.section]["agreement"] = report["generation"]["agreement"]
         else:
             report["generation"], found = check_generation(decoder, model, ids, new_tokens, atol)
         failures += found
