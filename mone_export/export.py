@@ -163,14 +163,17 @@ class DecoderWithCache(nn.Module):
 
     ``past`` is the list ``[key_0, value_0, key_1, value_1, ...]`` shaped as :func:`cache_shapes` says; it is
     wrapped in a transformers ``DynamicCache`` (full-length layers, so ``present`` = ``past`` + the new positions,
-    whatever the model's sliding window: the attention mask applies the window).
+    whatever the model's sliding window: the attention mask applies the window). With ``attention="gqa"`` the
+    attention of every layer is one ``GroupQueryAttention`` (:mod:`mone_export.fused_attention`), which returns
+    ``present`` itself.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, attention: str = "plain"):
         super().__init__()
         self.model = model
         self.specs = cache_shapes(model.config)
         self.num_layers = len(self.specs)
+        self.attention = attention
 
     def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
         from transformers import DynamicCache
@@ -179,6 +182,8 @@ class DecoderWithCache(nn.Module):
         for i, spec in enumerate(self.specs):
             key, value = past[2 * i], past[2 * i + 1]
             layers.append(unpack_mla(key, value, *spec.mla) if spec.mla else (key, value))
+        if self.attention == "gqa":
+            return self._fused_forward(input_ids, attention_mask, position_ids, layers)
         cache = DynamicCache(ddp_cache_data=layers)
         out = self.model(
             input_ids=input_ids,
@@ -191,6 +196,15 @@ class DecoderWithCache(nn.Module):
         present = []
         for spec, layer in zip(self.specs, out.cache.layers):
             present += pack_mla(layer.keys, layer.values) if spec.mla else [layer.keys, layer.values]
+        return (out.logits, *present)
+
+    def _fused_forward(self, input_ids, attention_mask, position_ids, layers):
+        from mone_export.fused_attention import NewStatesCache, fused_step
+
+        with fused_step(layers, attention_mask) as step:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=NewStatesCache(ddp_cache_data=layers), use_cache=True, return_dict=True)
+        present = [tensor for index in range(self.num_layers) for tensor in step.present[index]]
         return (out.logits, *present)
 
 
@@ -366,10 +380,14 @@ def _softmax_in_requested_dtype(opset: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def export_patches(model: nn.Module, moe_form: str = "dispatch") -> Iterator[nn.Module]:
-    """Every export-time change to ``model``, undone on exit: eager attention, the MoE graph form (``moe_form``, see
+def export_patches(model: nn.Module, moe_form: str = "dispatch", attention: str = "plain") -> Iterator[nn.Module]:
+    """Every export-time change to ``model``, undone on exit: eager attention (or with ``attention="gqa"`` the fused
+    attention of :mod:`mone_export.fused_attention`), the MoE graph form (``moe_form``, see
     :data:`mone_export.moe_export_forward.MOE_FORMS`), real rotary."""
-    with _eager_attention(model), export_friendly_moe(model, moe_form), _patched_complex_rotary(model):
+    from mone_export.fused_attention import gqa_attention
+
+    attending = gqa_attention(model) if attention == "gqa" else _eager_attention(model)
+    with attending, export_friendly_moe(model, moe_form), _patched_complex_rotary(model):
         yield model
 
 
@@ -411,17 +429,19 @@ def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     return axes
 
 
-def _trace_to_onnx(model: nn.Module, path: Path, opset: int, moe_form: str = "dispatch") -> None:
+def _trace_to_onnx(model: nn.Module, path: Path, opset: int, moe_form: str = "dispatch",
+                   attention: str = "plain") -> None:
     """TorchScript-trace ``DecoderWithCache(model)`` (patched) into ``path``."""
     num_layers = int(model.config.num_hidden_layers)
     ids, mask, positions, cache = example_inputs(model)
-    trace_module_to_onnx(model, DecoderWithCache(model), (ids, mask, positions, cache), path, opset,
-                         input_names(num_layers), output_names(num_layers), dynamic_axes(num_layers), moe_form)
+    trace_module_to_onnx(model, DecoderWithCache(model, attention), (ids, mask, positions, cache), path, opset,
+                         input_names(num_layers), output_names(num_layers), dynamic_axes(num_layers), moe_form,
+                         attention)
 
 
 def trace_module_to_onnx(model: nn.Module, wrapper: nn.Module, args: tuple, path, opset: int,
                          input_names: list[str], output_names: list[str], dynamic_axes: dict,
-                         moe_form: str = "dispatch") -> None:
+                         moe_form: str = "dispatch", attention: str = "plain") -> None:
     """TorchScript-trace ``wrapper`` (a module around ``model``) into ``path`` (a file path, or an ``io.BytesIO``
     for a model under 2 GiB), with every export-time patch of ``model`` applied (:func:`export_patches`) and
     softmax in the requested dtype."""
@@ -432,7 +452,7 @@ def trace_module_to_onnx(model: nn.Module, wrapper: nn.Module, args: tuple, path
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        with torch.no_grad(), export_patches(model, moe_form), _softmax_in_requested_dtype(opset):
+        with torch.no_grad(), export_patches(model, moe_form, attention), _softmax_in_requested_dtype(opset):
             # torch.onnx.export(dynamo=False) without its ONNX shape inference: that pass serialises the weights
             # into a temporary model for every node that reads one (measured: 55 of 122 s of the streamed export
             # of a 640M-parameter Qwen3-MoE). Our symbolics do not need its shapes, the graph computes the same
@@ -580,6 +600,7 @@ def export_onnx(
     run_passes: bool = True,
     moe_form: str = "dispatch",
     quantization=None,
+    attention: str = "plain",
 ) -> Path:
     """Export a (pruned) transformers MoE causal LM to ONNX with KV cache and return the written ``.onnx`` path.
 
@@ -598,6 +619,8 @@ def export_onnx(
             the GPU form). Novices are the same bias node in both (docs/graph.md).
         quantization: a :class:`~mone_export.quantization.WeightQuantization` (``int4``/``int8`` weights, float32
             routers and novice biases: :mod:`mone_export.quantization`), or None for float weights. Needs ``fp32``.
+        attention: ``plain`` (standard ops: any ONNX runtime), ``gqa`` (one ``com.microsoft.GroupQueryAttention`` per
+            layer: :mod:`mone_export.fused_attention`) or ``auto`` (``gqa`` where the model allows it).
 
     The file is written in place of any previous one; for an atomic folder use
     :func:`mone_export.output_folder.write_output_folder`.
@@ -611,6 +634,9 @@ def export_onnx(
         raise UsageError(f"opset {opset} is too old: ScatterND with reduction='add' needs opset 16 or newer.")
     moe_layers_or_error(model)
     check_exportable(model.config)
+    from mone_export.fused_attention import resolve_attention
+
+    attention = resolve_attention(attention, model)
     target = parse_dtype(dtype)
     if quantization is not None and target != torch.float32:
         raise UsageError("--quant needs --dtype fp32: the quantised kernels take float32 activations here "
@@ -629,7 +655,7 @@ def export_onnx(
     with eval_mode(source), tempfile.TemporaryDirectory(prefix=".mone-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / MODEL_FILE
         log("tracing %s (%d layers) to ONNX", type(model).__name__, model.config.num_hidden_layers)
-        _trace_to_onnx(source, raw, opset, moe_form)
+        _trace_to_onnx(source, raw, opset, moe_form, attention)
         ir_model = ir.load(raw)
         log("traced in %.1f s: %d nodes, %.1f MB of weights", time.perf_counter() - started,
             len(ir_model.graph), initializer_bytes(ir_model) / 1e6)

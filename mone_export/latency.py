@@ -114,10 +114,13 @@ def measure_latencies(runners: dict[str, LatencyRunner], warmup: int = 2, prefil
     alike (the ratios stay meaningful on a shared machine). In its turn a contestant first runs once untimed (its
     threads and caches settle, the previous contestant's idle threads stop spinning), then runs timed: one prefill,
     or a block of :data:`DECODE_BLOCK` decode steps (steady state, as in a generation loop). The first ``warmup``
-    rounds are not counted; ``prefill_repeats`` / ``decode_repeats`` timed runs of each contestant are.
+    rounds are not counted; ``prefill_repeats`` / ``decode_repeats`` timed runs of each contestant are (0 skips the
+    phase: its median is None).
     """
     times = {name: {"prefill": [], "decode": []} for name in runners}
     for phase, repeats, block in (("prefill", prefill_repeats, 1), ("decode", decode_repeats, DECODE_BLOCK)):
+        if repeats == 0:  # a phase not asked for (its median is None)
+            continue
         rounds = warmup + -(-repeats // block)
         for round_ in range(rounds):
             for name, runner in runners.items():
@@ -130,8 +133,11 @@ def measure_latencies(runners: dict[str, LatencyRunner], warmup: int = 2, prefil
                     elapsed = time.perf_counter() - start
                     if timed and round_ >= warmup and len(times[name][phase]) < repeats:
                         times[name][phase].append(elapsed)
-    return {name: {"prefill_ms": statistics.median(t["prefill"]) * 1e3,
-                   "decode_ms_per_token": statistics.median(t["decode"]) * 1e3} for name, t in times.items()}
+    def median_ms(values: list[float]) -> float | None:
+        return statistics.median(values) * 1e3 if values else None
+
+    return {name: {"prefill_ms": median_ms(t["prefill"]), "decode_ms_per_token": median_ms(t["decode"])}
+            for name, t in times.items()}
 
 
 def measure_ort_latency(decoder: OrtDecoder, ids: np.ndarray, warmup: int = 2, prefill_repeats: int = 5,

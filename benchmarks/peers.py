@@ -1,0 +1,333 @@
+"""mone-export against its peers on ONNX Runtime CPU: Optimum's export, our unpruned and MoNE exports in fp32 and
+int4, and the onnxruntime-genai model builder, with the machine's memory bandwidth as the physical limit.
+
+Two synthetic models with seeded random weights, about 640M parameters each (8 layers, hidden 1024, 8 experts of
+intermediate 2816, top-2, vocabulary 32768):
+
+- **Qwen3-MoE** (which Optimum exports): Optimum-ONNX's ``main_export`` fp32, ours unpruned fp32 / int4, ours
+  MoNE 0.5 fp32 / int4, all timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
+- **gpt-oss** (which the onnxruntime-genai builder takes; our five bundled families it does not): the builder's fp32
+  and int4 models beside ours unpruned / MoNE 0.5, fp32 / int4, all timed through ``onnxruntime_genai`` (a prefill
+  is ``append_tokens`` of the prompt; a decode step is ``append_tokens`` of one token after ``rewind_to`` the
+  prompt's length).
+
+Per contestant: prefill of 128 and 1024 tokens, and one decode step with a past of 128 and of 2048 tokens (attention
+grows with the context); medians after warm-up, contestants interleaved round by round
+(:func:`mone_export.latency.measure_latencies`); 2 threads. Beside the times: the weight bytes a decode step reads
+(every non-expert weight, one embedding row, and top-k / E of each layer's expert bytes: the expectation under
+uniform routing; a novice reads nothing), those bytes per second, and this machine's memory bandwidth measured in
+the same run (a numpy copy, bytes read + written per second, best of several).
+
+Steps (Optimum-ONNX needs transformers < 4.58, so it runs in the CI's second venv)::
+
+    python benchmarks/peers.py prepare --dir /tmp/peers                       # models and every export but Optimum's
+    $MONE_OPTIMUM_PYTHON benchmarks/peers.py optimum --dir /tmp/peers         # Optimum-ONNX, transformers 4.57
+    python benchmarks/peers.py time --dir /tmp/peers                          # table + benchmarks/results/peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+QWEN = dict(vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=2816,
+            num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=4096, rms_norm_eps=1e-6,
+            tie_word_embeddings=False)
+GPT_OSS = dict(vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+               num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_local_experts=8,
+               num_experts_per_tok=2, max_position_embeddings=4096, sliding_window=128, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+ROPE_THETA = 1000000.0
+RATIO = 0.5
+PREFILLS, PASTS = (128, 1024), (128, 2048)
+CALIB = dict(source="random", samples=16, seq_len=128)
+
+
+def _tokenizer_into(folder: Path) -> None:
+    """The bundled mixtral's tokenizer files (the builder and genai want one; the ids used here are random)."""
+    import shutil
+
+    source = Path(__file__).resolve().parent.parent / "models" / "mixtral"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+
+
+def _build_models(folder: Path) -> None:
+    import torch
+    import transformers
+
+    from optimum_compare import write_transformers4_checkpoint
+
+    torch.manual_seed(0)
+    qwen = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(
+        **QWEN, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA})).eval()
+    qwen.save_pretrained(folder / "qwen3_moe")
+    _tokenizer_into(folder / "qwen3_moe")
+    write_transformers4_checkpoint(qwen, QWEN, folder / "qwen3_moe-hf4")
+    del qwen
+    torch.manual_seed(1)
+    config = transformers.GptOssConfig(**GPT_OSS)
+    gpt = transformers.AutoModelForCausalLM.from_config(config).eval()
+    gpt.save_pretrained(folder / "gpt_oss")
+    _tokenizer_into(folder / "gpt_oss")
+
+
+def _our_exports(folder: Path, family: str) -> None:
+    """Unpruned and MoNE 0.5 output folders, fp32 and int4 (the int4 MoNE export reuses the fp32 run's plan)."""
+    from mone_export.export_pipeline import export_model
+    from mone_export.pipeline import CalibrationOptions
+
+    calib = CalibrationOptions(**CALIB)
+    model = folder / family
+    for ratio in (0.0, RATIO):
+        for quant in ("none", "int4"):
+            out = folder / f"{family}-ours-{ratio}-{'fp32' if quant == 'none' else quant}"
+            plan = folder / f"{family}-ours-{ratio}-fp32" / "plan" if quant != "none" else None
+            export_model(model, None if plan else ratio, out, plan_dir=plan, calib=calib, quant=quant,
+                         validate=False, overwrite=True, progress=False, streaming="off")
+            print(f"exported {out}", file=sys.stderr)
+
+
+def _genai_builds(folder: Path) -> None:
+    import subprocess
+
+    for precision in ("fp32", "int4"):
+        out = folder / f"gpt_oss-genai-{precision}"
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder / "gpt_oss"),
+                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "genai-cache")],
+                       check=True, capture_output=True)
+        print(f"built {out}", file=sys.stderr)
+
+
+def prepare(folder: Path) -> None:
+    """Both models, the transformers-4 checkpoint for Optimum, our eight exports and the builder's two."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _build_models(folder)
+    for family in ("qwen3_moe", "gpt_oss"):
+        _our_exports(folder, family)
+    _genai_builds(folder)
+
+
+def optimum(folder: Path) -> None:
+    """Optimum-ONNX's own export of the Qwen3-MoE (run in the optimum venv)."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(folder / "qwen3_moe-hf4"), output=str(folder / "qwen3_moe-optimum"),
+                task="text-generation-with-past", device="cpu", do_validation=False, no_post_process=True, opset=18)
+    print(f"exported {folder / 'qwen3_moe-optimum'}", file=sys.stderr)
+
+
+# --- what a decode step reads ---------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def decode_read_bytes(onnx_path: Path, vocab: int, top_k: int, experts: int) -> int:
+    """Weight bytes one decode step reads: all non-expert weights, one embedding row, top_k / E of the expert bytes.
+
+    Expert weights are the initializers whose name holds ``.experts.`` (per expert or a fused stack); a novice has
+    none, so a pruned export's expectation is lower by exactly the bytes it dropped.
+    """
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for tensor in proto.graph.initializer:
+        size = _tensor_bytes(tensor, onnx_path.parent)
+        if ".experts." in tensor.name:
+            total += size * top_k / experts
+        elif "embed_tokens" in tensor.name:
+            total += size / vocab
+        else:
+            total += size
+    return int(total)
+
+
+def _tensor_bytes(tensor, folder: Path) -> int:
+    import numpy as np
+    import onnx
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next(e.value for e in tensor.external_data if e.key == "length"))
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """This machine's memory bandwidth in bytes/s: a numpy copy of ``megabytes`` (read + written), best run."""
+    import numpy as np
+
+    source = np.ones(megabytes << 20, dtype=np.uint8)
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best
+
+
+# --- runners --------------------------------------------------------------------------------------------------------
+
+
+def genai_runner(model, ids):
+    """Prefill and one decode step (past = the prompt) through onnxruntime-genai, as :func:`ort_runner` does."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from mone_export.latency import LatencyRunner
+
+    tokens = ids.shape[1]
+    prompt = ids.astype(np.int32)
+
+    def generator():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=tokens + 8, do_sample=False)
+        return og.Generator(model, params)
+
+    def prefill():
+        generator().append_tokens(prompt)
+
+    held = generator()
+    held.append_tokens(prompt)
+    nxt = np.array([[int(np.argmax(np.asarray(held.get_logits())[0, -1]))]], dtype=np.int32)
+    return LatencyRunner(prefill=prefill, decode=lambda: held.append_tokens(nxt),
+                         reset=lambda: held.rewind_to(tokens))
+
+
+def _contestants(folder: Path, family: str) -> dict[str, Path]:
+    names = {}
+    if family == "qwen3_moe":
+        names["Optimum-ONNX fp32"] = folder / "qwen3_moe-optimum"
+    else:
+        names["genai builder fp32"] = folder / "gpt_oss-genai-fp32"
+        names["genai builder int4"] = folder / "gpt_oss-genai-int4"
+    for ratio, label in ((0.0, "unpruned"), (RATIO, f"MoNE {RATIO}")):
+        for precision in ("fp32", "int4"):
+            names[f"ours {label} {precision}"] = folder / f"{family}-ours-{ratio}-{precision}"
+    return names
+
+
+def _onnx_file(path: Path) -> Path:
+    return path if path.suffix == ".onnx" else path / "model.onnx"
+
+
+def time_family(folder: Path, family: str, args, bandwidth: float) -> dict:
+    """Every contestant of one family, timed interleaved at each prefill length and past length."""
+    import numpy as np
+
+    from mone_export.export import weight_bytes
+    from mone_export.latency import measure_latencies, ort_runner
+    from mone_export.ort_session import OrtDecoder
+
+    shape = QWEN if family == "qwen3_moe" else GPT_OSS
+    experts = shape.get("num_experts", shape.get("num_local_experts"))
+    contestants = _contestants(folder, family)
+    missing = [str(path) for path in contestants.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"missing exports {missing}: run the prepare (and optimum) steps first")
+    rng = np.random.default_rng(1)
+    rows = {name: {"weight_bytes": weight_bytes(_onnx_file(path)),
+                   "decode_read_bytes": decode_read_bytes(_onnx_file(path), shape["vocab_size"],
+                                                          shape["num_experts_per_tok"], experts)}
+            for name, path in contestants.items()}
+    if family == "qwen3_moe":
+        sessions = {name: OrtDecoder(path, "cpu", threads=args.threads) for name, path in contestants.items()}
+    else:
+        import onnxruntime_genai as og
+
+        sessions = {}
+        for name, path in contestants.items():
+            config = og.Config(str(path))
+            config.clear_providers()
+            sessions[name] = og.Model(config)
+    lengths = sorted(set(PREFILLS) | set(PASTS))
+    for tokens in lengths:
+        ids = rng.integers(0, shape["vocab_size"], size=(1, tokens), dtype=np.int64)
+        runners = {name: (ort_runner(session, ids) if family == "qwen3_moe" else genai_runner(session, ids))
+                   for name, session in sessions.items()}
+        prefill_repeats = args.prefill_repeats if tokens in PREFILLS else 0
+        decode_repeats = args.decode_repeats if tokens in PASTS else 0
+        times = measure_latencies(runners, args.warmup, prefill_repeats, decode_repeats)
+        for name, measured in times.items():
+            if measured["prefill_ms"] is not None:
+                rows[name][f"prefill_{tokens}_ms"] = measured["prefill_ms"]
+            if measured["decode_ms_per_token"] is not None:
+                rows[name][f"decode_past_{tokens}_ms"] = measured["decode_ms_per_token"]
+        del runners
+        print(f"{family}: timed length {tokens}", file=sys.stderr)
+    base = next(iter(rows))
+    for name, row in rows.items():
+        for key in [k for k in row if k.endswith("_ms")]:
+            row[key.removesuffix("_ms") + "_vs_" + ("optimum" if family == "qwen3_moe" else "builder_fp32")] = \
+                row[key] / rows[base][key]
+        decode = row[f"decode_past_{PASTS[0]}_ms"] / 1e3
+        row["achieved_bytes_per_s"] = row["decode_read_bytes"] / decode
+        row["achieved_vs_copy_bandwidth"] = row["achieved_bytes_per_s"] / bandwidth
+    return {"shape": shape, "reference": base, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"ORT CPU, {result['threads']} threads; memory bandwidth (numpy copy, read + write): "
+             f"{result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.", ""]
+    for family, data in result["families"].items():
+        base = data["reference"]
+        lines += [f"**{family}** ({'onnxruntime.InferenceSession' if family == 'qwen3_moe' else 'onnxruntime-genai'}; "
+                  f"ratios against {base})", "",
+                  "| export | weights MB | prefill 128 ms | prefill 1024 ms | decode @128 ms | decode @2048 ms "
+                  "| ratios p128 / p1024 / d128 / d2048 | read/token MB | achieved GB/s (of copy) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+        for name, row in data["rows"].items():
+            ratios = " / ".join(f"{row[f'{key}_vs_{suffix}']:.2f}"
+                                for key in ("prefill_128", "prefill_1024", "decode_past_128", "decode_past_2048")
+                                for suffix in [("optimum" if family == "qwen3_moe" else "builder_fp32")])
+            lines.append(f"| {name} | {row['weight_bytes'] / 1e6:.0f} | {row['prefill_128_ms']:.0f} | "
+                         f"{row['prefill_1024_ms']:.0f} | {row['decode_past_128_ms']:.1f} | "
+                         f"{row['decode_past_2048_ms']:.1f} | {ratios} | {row['decode_read_bytes'] / 1e6:.0f} | "
+                         f"{row['achieved_bytes_per_s'] / 1e9:.1f} ({row['achieved_vs_copy_bandwidth']:.0%}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def time_all(folder: Path, args) -> dict:
+    bandwidth = copy_bandwidth()
+    result = {"threads": args.threads, "copy_bandwidth_bytes_per_s": bandwidth, "warmup": args.warmup,
+              "prefill_repeats": args.prefill_repeats, "decode_repeats": args.decode_repeats,
+              "command": "python benchmarks/peers.py prepare|optimum|time --dir DIR", "families": {}}
+    for family in args.families:
+        result["families"][family] = time_family(folder, family, args, bandwidth)
+    result["markdown"] = markdown(result)
+    print(result["markdown"])
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["prepare", "optimum", "time"])
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--families", nargs="+", default=["qwen3_moe", "gpt_oss"], choices=["qwen3_moe", "gpt_oss"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument("--decode-repeats", type=int, default=20)
+    parser.add_argument("--json", default="benchmarks/results/peers.json")
+    args = parser.parse_args(argv)
+    if args.step == "prepare":
+        prepare(args.dir)
+    elif args.step == "optimum":
+        optimum(args.dir)
+    else:
+        result = time_all(args.dir, args)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

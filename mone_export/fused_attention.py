@@ -1,0 +1,201 @@
+"""Fused attention in the export (``--attention gqa``): one ``com.microsoft.GroupQueryAttention`` node per layer.
+
+The plain form (``--attention plain``, the default) traces transformers' eager attention: about a dozen standard
+ops per layer, a ``Concat`` that copies the whole past into ``present`` at every step, the grouped keys repeated to
+every query head, and a float mask built from ``attention_mask``. The fused form hands the attention of each layer
+to ONNX Runtime's ``GroupQueryAttention`` kernel (the one the onnxruntime-genai builder uses): it reads the
+grouped keys directly, applies the causal mask itself and appends the new keys to the past.
+
+How it is traced. Within :func:`gqa_attention` the model runs with
+
+- a cache whose ``update`` returns the new keys and values as they are (:class:`NewStatesCache`), so the model's
+  own attention module computes its projections, norms and rotary embedding exactly as in the plain form;
+- an attention implementation registered with transformers (``mone_gqa``) that calls :class:`GroupQueryAttention`
+  on the query, the *new* keys and values and the layer's past, and records the layer's ``present``;
+- no attention mask: the kernel builds the causal mask from ``seqlens_k = Σ attention_mask − 1`` and the total
+  length, so the mask subgraph is dead code and the cleanup passes drop it.
+
+What the fused form assumes, and the plain form does not: every row of ``attention_mask`` is ones up to its
+length (no left padding: the valid tokens come first), and a batch with more than one new token per row starts
+from an empty past (the kernel's CPU rule; a batched prompt, or one token per row with a past, are both fine).
+:func:`gqa_unsupported_reason` refuses models whose attention the kernel does not compute: MLA caches, keys and
+values of different sizes, sliding-window layers, attention sinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+__all__ = ["ATTENTION_FORMS", "GroupQueryAttention", "NewStatesCache", "gqa_attention", "gqa_unsupported_reason",
+           "resolve_attention"]
+
+ATTENTION_FORMS = ("plain", "gqa", "auto")
+"""Values of ``--attention``: ``auto`` picks ``gqa`` where the model allows it."""
+
+IMPLEMENTATION = "mone_gqa"
+"""The name the fused attention is registered under in transformers' attention interfaces during an export."""
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """``com.microsoft.GroupQueryAttention`` in the trace, and the same function in PyTorch.
+
+    Inputs: ``query [B, S, Hq·D]``, ``key`` / ``value [B, S, Hkv·D]`` (the new positions), ``past_key`` /
+    ``past_value [B, Hkv, P, D]``, ``seqlens_k [B]`` int32 (total valid length − 1), ``total_length`` int32
+    scalar. Outputs: ``[B, S, Hq·D]`` and ``present_key`` / ``present_value [B, Hkv, P+S, D]``. Query head ``h``
+    reads key head ``h // (Hq / Hkv)`` (transformers' ``repeat_kv``).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int,
+                kv_num_heads: int, scale: float, softcap: float):
+        batch, length, _ = query.shape
+        dim = query.shape[-1] // num_heads
+        q = query.view(batch, length, num_heads, dim).transpose(1, 2)
+        present_key = torch.cat([past_key, key.view(batch, length, kv_num_heads, dim).transpose(1, 2)], dim=2)
+        present_value = torch.cat([past_value, value.view(batch, length, kv_num_heads, dim).transpose(1, 2)], dim=2)
+        groups = num_heads // kv_num_heads
+        keys = present_key.repeat_interleave(groups, dim=1)
+        values = present_value.repeat_interleave(groups, dim=1)
+        scores = (q @ keys.transpose(-1, -2)).float() * scale
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
+        past = present_key.shape[2] - length
+        causal = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(past)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out = (scores.softmax(-1).to(values.dtype) @ values).transpose(1, 2).reshape(batch, length, -1)
+        return out, present_key, present_value
+
+    @staticmethod
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads,
+                 scale, softcap):
+        out, present_key, present_value = g.op(
+            "com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total_length,
+            num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, scale_f=scale, softcap_f=softcap, outputs=3)
+        # The exporter cannot infer a contrib op's outputs: same element types and ranks as the inputs they follow.
+        out.setType(query.type())
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
+
+
+class NewStatesCache(DynamicCache):
+    """transformers' cache during a fused-attention trace: ``update`` hands the new keys and values back unchanged
+    (the kernel appends them to the past); the past length and everything else are the past's."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+
+@dataclasses.dataclass
+class _Step:
+    """What the fused attention of one forward needs besides its arguments, and what it leaves behind."""
+
+    past: list[tuple[torch.Tensor, torch.Tensor]]
+    seqlens_k: torch.Tensor
+    total_length: torch.Tensor
+    present: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+_STEPS: list[_Step] = []
+
+
+def _fused_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     sliding_window=None, softcap=None, **kwargs):
+    """transformers' attention-interface signature: ``query [B, Hq, S, D]``, new ``key`` / ``value [B, Hkv, S, D]``
+    (from :class:`NewStatesCache`); returns ``([B, S, Hq, D], None)``."""
+    if not _STEPS:
+        raise RuntimeError("the fused attention runs only inside mone_export.fused_attention.gqa_attention")
+    if sliding_window is not None or kwargs.get("s_aux") is not None:
+        raise RuntimeError(f"{type(module).__name__}: sliding-window or sink attention is not fused; export with "
+                           "--attention plain")
+    step = _STEPS[-1]
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    past_key, past_value = step.past[module.layer_idx]
+    out, present_key, present_value = GroupQueryAttention.apply(
+        query.transpose(1, 2).reshape(batch, length, heads * dim),
+        key.transpose(1, 2).reshape(batch, length, kv_heads * dim),
+        value.transpose(1, 2).reshape(batch, length, kv_heads * dim),
+        past_key, past_value, step.seqlens_k, step.total_length, int(heads), int(kv_heads),
+        float(scaling if scaling is not None else dim ** -0.5), float(softcap or 0.0))
+    step.present[module.layer_idx] = (present_key, present_value)
+    return out.view(batch, length, heads, dim), None
+
+
+def _no_mask(*args, **kwargs):
+    """The mask interface of the fused attention: the kernel masks causally itself."""
+    return None
+
+
+def gqa_unsupported_reason(model: nn.Module) -> str | None:
+    """Why the model's attention cannot be one ``GroupQueryAttention`` per layer, or None when it can."""
+    from mone_export.export import cache_shapes
+
+    config = model.config
+    if any(spec.mla for spec in cache_shapes(config)):
+        return "its attention caches a compressed latent (MLA), which GroupQueryAttention does not compute"
+    if any(spec.key_dim != spec.value_dim for spec in cache_shapes(config)):
+        return "its keys and values have different head sizes"
+    layer_types = getattr(config, "layer_types", None)
+    # Where the config lists layer types, they say which layers slide (Qwen2-MoE keeps a window size it does not
+    # use); otherwise a window size means every layer slides (Mixtral passes config.sliding_window to each).
+    sliding = ("sliding_attention" in layer_types) if layer_types else getattr(config, "sliding_window", None)
+    if sliding:
+        return "it has sliding-window attention layers"
+    for module in model.modules():
+        if "Attention" in type(module).__name__ and isinstance(getattr(module, "sinks", None), nn.Parameter):
+            return "its attention has sinks"
+    return None
+
+
+def resolve_attention(form: str, model: nn.Module) -> str:
+    """``plain`` or ``gqa`` for ``--attention form``; ``gqa`` on a model that cannot take it is a UsageError."""
+    from mone_export.errors import UsageError
+
+    if form not in ATTENTION_FORMS:
+        raise UsageError(f"--attention {form}: choose one of {', '.join(ATTENTION_FORMS)}.")
+    if form == "plain":
+        return "plain"
+    reason = gqa_unsupported_reason(model)
+    if reason is None:
+        return "gqa"
+    if form == "auto":
+        return "plain"
+    raise UsageError(f"--attention gqa: {model.config.model_type} cannot use GroupQueryAttention ({reason}); "
+                     "pass --attention plain (or auto).")
+
+
+@contextlib.contextmanager
+def gqa_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's attention is :func:`_fused_attention` (registered as ``mone_gqa``)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _fused_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, _no_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def fused_step(past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor) -> Iterator[_Step]:
+    """One forward of the fused form: the past per layer and the kernel's lengths; yields the step, whose
+    ``present`` the attention fills."""
+    seqlens_k = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
+    total_length = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
+    step = _Step(past=past, seqlens_k=seqlens_k, total_length=total_length)
+    _STEPS.append(step)
+    try:
+        yield step
+    finally:
+        _STEPS.pop()
