@@ -5,7 +5,8 @@ Two synthetic models with seeded random weights, about 640M parameters each (8 l
 intermediate 2816, top-2, vocabulary 32768):
 
 - **Qwen3-MoE** (which Optimum exports): Optimum-ONNX's ``main_export`` fp32, ours unpruned fp32 / int4, ours
-  MoNE 0.5 fp32 / int4, all timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
+  MoNE 0.5 fp32 / int4 (``--attention auto``: GroupQueryAttention), and MoNE 0.5 int4 with plain attention, all
+  timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
 - **gpt-oss** (which the onnxruntime-genai builder takes; our five bundled families it does not): the builder's fp32
   and int4 models beside ours unpruned / MoNE 0.5, fp32 / int4, all timed through ``onnxruntime_genai`` (a prefill
   is ``append_tokens`` of the prompt; a decode step is ``append_tokens`` of one token after ``rewind_to`` the
@@ -80,19 +81,27 @@ def _build_models(folder: Path) -> None:
 
 
 def _our_exports(folder: Path, family: str) -> None:
-    """Unpruned and MoNE 0.5 output folders, fp32 and int4 (the int4 MoNE export reuses the fp32 run's plan)."""
+    """Unpruned and MoNE 0.5 output folders, fp32 and int4, with ``--attention auto`` (GroupQueryAttention where the
+    family allows it), and the MoNE int4 export with plain attention beside them. Every export after the first of a
+    ratio reuses that run's plan."""
     from mone_export.export_pipeline import export_model
     from mone_export.pipeline import CalibrationOptions
 
     calib = CalibrationOptions(**CALIB)
     model = folder / family
-    for ratio in (0.0, RATIO):
-        for quant in ("none", "int4"):
-            out = folder / f"{family}-ours-{ratio}-{'fp32' if quant == 'none' else quant}"
-            plan = folder / f"{family}-ours-{ratio}-fp32" / "plan" if quant != "none" else None
-            export_model(model, None if plan else ratio, out, plan_dir=plan, calib=calib, quant=quant,
-                         validate=False, overwrite=True, progress=False, streaming="off")
-            print(f"exported {out}", file=sys.stderr)
+    variants = [(ratio, quant, "auto") for ratio in (0.0, RATIO) for quant in ("none", "int4")]
+    variants.append((RATIO, "int4", "plain"))
+    for ratio, quant, attention in variants:
+        out = folder / _our_name(family, ratio, "fp32" if quant == "none" else quant, attention)
+        first = folder / _our_name(family, ratio, "fp32", "auto")
+        plan = first / "plan" if out != first else None
+        export_model(model, None if plan else ratio, out, plan_dir=plan, calib=calib, quant=quant,
+                     attention=attention, validate=False, overwrite=True, progress=False, streaming="off")
+        print(f"exported {out}", file=sys.stderr)
+
+
+def _our_name(family: str, ratio: float, precision: str, attention: str) -> str:
+    return f"{family}-ours-{ratio}-{precision}" + ("-plain" if attention == "plain" else "")
 
 
 def _genai_builds(folder: Path) -> None:
@@ -212,7 +221,8 @@ def _contestants(folder: Path, family: str) -> dict[str, Path]:
         names["genai builder int4"] = folder / "gpt_oss-genai-int4"
     for ratio, label in ((0.0, "unpruned"), (RATIO, f"MoNE {RATIO}")):
         for precision in ("fp32", "int4"):
-            names[f"ours {label} {precision}"] = folder / f"{family}-ours-{ratio}-{precision}"
+            names[f"ours {label} {precision}"] = folder / _our_name(family, ratio, precision, "auto")
+    names[f"ours MoNE {RATIO} int4, plain attention"] = folder / _our_name(family, RATIO, "int4", "plain")
     return names
 
 

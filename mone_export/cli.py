@@ -138,6 +138,11 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
                        help="graph form of the routed experts: dispatch (one branch per expert, fastest on the CPU "
                        "provider), fused (one com.microsoft.MoE node per layer, dispatch kept on the GPU); auto: "
                        "fused with --provider cuda, else dispatch")
+    group.add_argument("--attention", default="plain", choices=["plain", "gqa", "auto"],
+                       help="graph form of attention: plain (standard ops, any runtime), gqa (one "
+                       "com.microsoft.GroupQueryAttention per layer: ONNX Runtime's fused kernel, KV cache appended "
+                       "in the kernel; needs prompts without left padding), auto (gqa where the model allows it) "
+                       "(default plain)")
     group.add_argument("--quant", default="none", choices=["none", "int4", "int8"],
                        help="quantise the weights block-wise (MatMulNBits / GatherBlockQuantized; routers and "
                        "novice biases stay float32), validated against PyTorch with the same weights (default none)")
@@ -209,7 +214,7 @@ class ExportCommand(Command):
                                 keep_failed=args.keep_failed, allow_other_weights=args.allow_other_weights,
                                 streaming=args.streaming, moe_form=args.moe_form, quant=args.quant,
                                 quant_block_size=args.quant_block_size,
-                                quant_accuracy_level=args.quant_accuracy_level)
+                                quant_accuracy_level=args.quant_accuracy_level, attention=args.attention)
         except ParityError as exc:
             _print_parity_report(args, self, exc)
             raise

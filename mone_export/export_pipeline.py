@@ -155,6 +155,10 @@ class ExportOptions:
     """Elements per quantisation block along the contraction dimension (a power of two >= 16)."""
     quant_accuracy_level: int = 4
     """``MatMulNBits`` accuracy level: 4 (int8 activations, the fast CPU path) or 0 (float activations)."""
+    attention: str = "plain"
+    """Graph form of attention: ``plain`` (standard ops, any ONNX runtime), ``gqa`` (one
+    ``com.microsoft.GroupQueryAttention`` per layer: :mod:`mone_export.fused_attention`), ``auto`` (``gqa`` where
+    the model allows it)."""
     moe_form: str = "auto"
     """Graph form of the routed experts (:func:`resolve_moe_form`): ``dispatch``, ``fused``, or ``auto`` (fused for
     ``provider="cuda"``)."""
@@ -207,6 +211,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
     from mone_export.errors import ParityError
     from mone_export.export import MODEL_FILE, export_onnx, lower_bound_bytes, weight_bytes
     from mone_export.distributed import is_primary
+    from mone_export.fused_attention import check_attention_form, resolve_attention
     from mone_export.loading import check_output_dir, load_model
     from mone_export.novices import apply_plan
     from mone_export.output_folder import output_folder
@@ -239,11 +244,15 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
         check_provider(provider)
     form = resolve_moe_form(options.moe_form, provider)
     quantization = _quantization(options, dtype, form)
+    check_attention_form(options.attention)
     preflight(model, None if plan_path else calib)
     if use_streaming(model, options.streaming):
         if quantization is not None:
             raise UsageError("--quant is not available in a layer-streamed run yet; pass --streaming off if the "
                              "model fits in memory, or export without --quant.")
+        if options.attention == "gqa":
+            raise UsageError("--attention gqa is not available in a layer-streamed run yet; pass --streaming off if "
+                             "the model fits in memory, or --attention plain.")
         return export_model_streamed(model, ratio, folder, dataclasses.replace(options, dtype=dtype, moe_form=form),
                                      plan_path)
     source = _source_record(str(model))
@@ -262,6 +271,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
         with run.stage("load"):
             loaded, tokenizer = load_model(model, dtype="fp32")
             check_exportable(loaded.config)  # before minutes of calibration
+            attention = resolve_attention(options.attention, loaded)
             if plan_path is None:
                 check_ratio_feasible(loaded, ratio, method, scope)
         if plan_path is not None:
@@ -280,7 +290,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
                     if plan.num_pruned:
                         baseline = scratch.folder("unpruned")
                         export_onnx(loaded, baseline, dtype=dtype, progress=False, moe_form=form,
-                                    quantization=quantization)
+                                    quantization=quantization, attention=attention)
             apply_plan(loaded, plan)
             report = {
                 "command": "export",
@@ -291,6 +301,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
                 "onnx": str(folder / MODEL_FILE),
                 "dtype": dtype,
                 "quantization": None if quantization is None else quantization.to_dict(),
+                "attention": attention,
                 "provider": provider,
                 "moe_form": form,
                 **plan.summary(),
@@ -302,7 +313,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
             with run.stage("export"):
                 # Exits first (LIFO): the folder replaces the previous output, then the scratch folder goes.
                 tmp = writing.enter_context(
-                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form, quantization), folder, plan=plan,
+                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form, quantization, attention), folder, plan=plan,
                                   overwrite=overwrite, dtype=dtype))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
             bound = lower_bound_bytes(loaded, dtype)
@@ -364,12 +375,12 @@ def resolve_moe_form(moe_form: str, provider: str) -> str:
     return moe_form
 
 
-def _exporter(model, dtype: str, form: str, quantization=None):
+def _exporter(model, dtype: str, form: str, quantization=None, attention: str = "plain"):
     """Writes ``model``'s export in graph form ``form`` to the path it is given (for the output folder)."""
     from mone_export.export import export_onnx
 
     return lambda target: export_onnx(model, target, dtype=dtype, progress=False, moe_form=form,
-                                      quantization=quantization)
+                                      quantization=quantization, attention=attention)
 
 
 def _quantization(options: ExportOptions, dtype: str, form: str):

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-__all__ = ["ATTENTION_FORMS", "GroupQueryAttention", "NewStatesCache", "gqa_attention", "gqa_unsupported_reason",
-           "resolve_attention"]
+__all__ = ["ATTENTION_FORMS", "GroupQueryAttention", "NewStatesCache", "check_attention_form", "fused_step",
+           "gqa_attention", "gqa_unsupported_reason", "resolve_attention"]
 
 ATTENTION_FORMS = ("plain", "gqa", "auto")
 """Values of ``--attention``: ``auto`` picks ``gqa`` where the model allows it."""
@@ -154,12 +154,19 @@ def gqa_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def resolve_attention(form: str, model: nn.Module) -> str:
-    """``plain`` or ``gqa`` for ``--attention form``; ``gqa`` on a model that cannot take it is a UsageError."""
+def check_attention_form(form: str) -> None:
+    """A UsageError unless ``form`` is one of :data:`ATTENTION_FORMS`."""
     from mone_export.errors import UsageError
 
     if form not in ATTENTION_FORMS:
         raise UsageError(f"--attention {form}: choose one of {', '.join(ATTENTION_FORMS)}.")
+
+
+def resolve_attention(form: str, model: nn.Module) -> str:
+    """``plain`` or ``gqa`` for ``--attention form``; ``gqa`` on a model that cannot take it is a UsageError."""
+    from mone_export.errors import UsageError
+
+    check_attention_form(form)
     if form == "plain":
         return "plain"
     reason = gqa_unsupported_reason(model)

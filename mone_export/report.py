@@ -107,9 +107,10 @@ def render_markdown(report: dict) -> str:
 
 
 def _quant_text(report: dict) -> str:
-    """``, int4 weights (block 32)`` for a quantised export, else empty."""
+    """``, int4 weights (block 32)`` for a quantised export and ``, GroupQueryAttention`` for fused attention."""
     quant = report.get("quantization")
-    return f", int{quant['bits']} weights (block {quant['block_size']})" if quant else ""
+    text = f", int{quant['bits']} weights (block {quant['block_size']})" if quant else ""
+    return text + (", GroupQueryAttention" if report.get("attention") == "gqa" else "")
 
 
 def _g(value: float | None) -> str:

@@ -1,0 +1,101 @@
+"""``--attention gqa``: one com.microsoft.GroupQueryAttention per layer, exact against PyTorch (issue 13).
+
+Each bundled family whose attention the kernel computes is exported fused and must match the pruned PyTorch model
+like the plain form does (1e-4 on logits at the prefill of a batch and through decode steps, and for a chunked
+prompt on top of a past); onnxruntime-genai must generate PyTorch's greedy tokens from the folder; models the
+kernel cannot serve (DeepSeek-V2's latent cache) are refused with the reason, and ``auto`` falls back to plain.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from mone_export import load_model
+from mone_export.errors import UsageError
+from mone_export.export import export_onnx
+from mone_export.export_pipeline import export_model
+from mone_export.fused_attention import gqa_unsupported_reason
+from mone_export.novices import apply_plan
+from mone_export.ort_session import OrtDecoder
+from mone_export.pipeline import CalibrationOptions, calibrate_and_plan
+from mone_export.reference import torch_step
+from mone_export.validate import check_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CALIB = CalibrationOptions(samples=8, seq_len=64)
+FUSED = ["mixtral", "qwen2_moe", "olmoe"]
+
+
+def _pruned(name: str):
+    model, tokenizer = load_model(name, dtype="fp32")
+    plan, _ = calibrate_and_plan(model, tokenizer, 0.5, "mone", "layer", CALIB, False)
+    apply_plan(model, plan)
+    return model
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_export_matches_pytorch(name, tmp_path):
+    model = _pruned(name)
+    path = export_onnx(model, tmp_path, progress=False, attention="gqa")
+    ops = collections.Counter(node.op_type for node in ir.load(path).graph)
+    layers = model.config.num_hidden_layers
+    assert ops["GroupQueryAttention"] == layers
+    # no attention softmax or mask left: the only Softmax nodes are the routers'
+    assert ops["Softmax"] <= layers and ops["Where"] == 0
+    prompts = torch.randint(0, model.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(1))
+
+    rows, failures = check_logits(OrtDecoder(path), model, prompts, 4, 1e-4, "float32")
+
+    assert not failures, rows
+
+
+def test_chunked_prompt_on_a_past(tmp_path):
+    """One prompt fed in two chunks (S > 1 with a past): the kernel's causal mask is offset by the past."""
+    model = _pruned("mixtral")
+    decoder = OrtDecoder(export_onnx(model, tmp_path, progress=False, attention="gqa"))
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 12))
+    first, second = ids[:, :7], ids[:, 7:]
+    _, past = decoder(first, np.ones_like(first), np.arange(7)[None], decoder.empty_past(1))
+    logits, _ = decoder(second, np.ones((1, 12), np.int64), np.arange(7, 12)[None], past)
+    want, _ = torch_step(model, ids, np.ones_like(ids), np.arange(12)[None], None)
+    assert np.abs(logits - want[:, 7:].numpy()).max() <= 1e-4
+
+
+def test_latent_attention_is_refused_and_auto_falls_back(tmp_path):
+    model, _ = load_model("deepseek_v2", dtype="fp32")
+    assert "MLA" in gqa_unsupported_reason(model)
+    with pytest.raises(UsageError, match="cannot use GroupQueryAttention"):
+        export_onnx(model, tmp_path / "gqa", progress=False, attention="gqa")
+    path = export_onnx(model, tmp_path / "auto", progress=False, attention="auto")
+    assert not any(node.op_type == "GroupQueryAttention" for node in ir.load(path).graph)
+
+
+def test_pipeline_and_genai(tmp_path):
+    out = tmp_path / "out"
+    report = export_model("qwen2_moe", 0.5, out, calib=CALIB, attention="gqa", progress=False,
+                          validation_options={"latency": False, "memory": False})
+    assert report["passed"] and report["attention"] == "gqa"
+    og = pytest.importorskip("onnxruntime_genai")
+    from mone_export.reference import greedy_torch
+
+    model, _ = load_model("qwen2_moe", dtype="fp32")
+    from mone_export.plan import PruningPlan
+
+    apply_plan(model, PruningPlan.load(out / "plan", model=model))
+    genai = og.Model(str(out))
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, model.config.vocab_size, 9)]
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)[len(prompt):]]
+    want, _ = greedy_torch(model, torch.tensor(prompt), 16, set())
+    assert tokens == list(want)[: len(tokens)] and len(tokens) == 16
