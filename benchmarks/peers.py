@@ -105,14 +105,23 @@ def _our_name(family: str, ratio: float, precision: str, attention: str) -> str:
 
 
 def _genai_builds(folder: Path) -> None:
+    """The builder's fp32 and int4 models; a build that fails leaves ``NAME.failed`` with the builder's last error
+    line, reported beside the table (its gpt-oss int4 path converts the original MXFP4 tensors, which a checkpoint
+    with float experts does not have)."""
     import subprocess
 
     for precision in ("fp32", "int4"):
         out = folder / f"gpt_oss-genai-{precision}"
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder / "gpt_oss"),
-                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "genai-cache")],
-                       check=True, capture_output=True)
-        print(f"built {out}", file=sys.stderr)
+        run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder / "gpt_oss"),
+                              "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "genai-cache")],
+                             capture_output=True, text=True)
+        failed = out.with_name(out.name + ".failed")
+        if run.returncode:
+            failed.write_text(run.stderr.strip().splitlines()[-1] + "\n")
+            print(f"the builder failed on {precision}: {failed.read_text().strip()}", file=sys.stderr)
+        else:
+            failed.unlink(missing_ok=True)
+            print(f"built {out}", file=sys.stderr)
 
 
 def prepare(folder: Path) -> None:
@@ -149,7 +158,7 @@ def decode_read_bytes(onnx_path: Path, vocab: int, top_k: int, experts: int) -> 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     total = 0
     for tensor in proto.graph.initializer:
-        size = _tensor_bytes(tensor, onnx_path.parent)
+        size = _tensor_bytes(tensor)
         if ".experts." in tensor.name:
             total += size * top_k / experts
         elif "embed_tokens" in tensor.name:
@@ -159,15 +168,12 @@ def decode_read_bytes(onnx_path: Path, vocab: int, top_k: int, experts: int) -> 
     return int(total)
 
 
-def _tensor_bytes(tensor, folder: Path) -> int:
+def _tensor_bytes(tensor) -> int:
+    """Bytes of an initializer from its shape and element type (external data need not say its length)."""
     import numpy as np
     import onnx
 
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return int(next(e.value for e in tensor.external_data if e.key == "length"))
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    return int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
@@ -217,12 +223,15 @@ def _contestants(folder: Path, family: str) -> dict[str, Path]:
     if family == "qwen3_moe":
         names["Optimum-ONNX fp32"] = folder / "qwen3_moe-optimum"
     else:
-        names["genai builder fp32"] = folder / "gpt_oss-genai-fp32"
-        names["genai builder int4"] = folder / "gpt_oss-genai-int4"
+        for precision in ("fp32", "int4"):
+            if not (folder / f"gpt_oss-genai-{precision}.failed").exists():
+                names[f"genai builder {precision}"] = folder / f"gpt_oss-genai-{precision}"
     for ratio, label in ((0.0, "unpruned"), (RATIO, f"MoNE {RATIO}")):
         for precision in ("fp32", "int4"):
             names[f"ours {label} {precision}"] = folder / _our_name(family, ratio, precision, "auto")
-    names[f"ours MoNE {RATIO} int4, plain attention"] = folder / _our_name(family, RATIO, "int4", "plain")
+    fused = json.loads((folder / _our_name(family, RATIO, "int4", "auto") / "report.json").read_text())["attention"]
+    if fused == "gqa":  # the control: the same export with plain attention
+        names[f"ours MoNE {RATIO} int4, plain attention"] = folder / _our_name(family, RATIO, "int4", "plain")
     return names
 
 
@@ -282,7 +291,9 @@ def time_family(folder: Path, family: str, args, bandwidth: float) -> dict:
         decode = row[f"decode_past_{PASTS[0]}_ms"] / 1e3
         row["achieved_bytes_per_s"] = row["decode_read_bytes"] / decode
         row["achieved_vs_copy_bandwidth"] = row["achieved_bytes_per_s"] / bandwidth
-    return {"shape": shape, "reference": base, "rows": rows}
+    not_built = {path.name.removesuffix(".failed"): path.read_text().strip()
+                 for path in sorted(folder.glob(f"{family}-*.failed"))}
+    return {"shape": shape, "reference": base, "rows": rows, "not_built": not_built}
 
 
 def markdown(result: dict) -> str:
@@ -303,6 +314,8 @@ def markdown(result: dict) -> str:
                          f"{row['prefill_1024_ms']:.0f} | {row['decode_past_128_ms']:.1f} | "
                          f"{row['decode_past_2048_ms']:.1f} | {ratios} | {row['decode_read_bytes'] / 1e6:.0f} | "
                          f"{row['achieved_bytes_per_s'] / 1e9:.1f} ({row['achieved_vs_copy_bandwidth']:.0%}) |")
+        for name, reason in data.get("not_built", {}).items():
+            lines.append(f"Not built: {name} ({reason}).")
         lines.append("")
     return "\n".join(lines)
 

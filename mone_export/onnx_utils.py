@@ -392,5 +392,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
     if external_data:
         ir.save(model, path, external_data=path.name + DATA_SUFFIX, size_threshold_bytes=1024)
     else:
+        # A traced model over 2 GiB reads its weights from the exporter's files; when the passes bring it under the
+        # threshold (pruning, quantisation) they must be written into the file, not referenced where they were.
+        ir.external_data.load_to_model(model)
         ir.save(model, path)
     return path

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import numpy_helper
@@ -384,6 +385,26 @@ def test_external_data(exports, tmp_path):
     assert weight_bytes(path) == weight_bytes(export.path)
     onnx.load(str(path))  # the data file is referenced by its name, beside the model
     onnx.checker.check_model(str(path), full_check=True)
+    session = make_session(path)
+    assert max(prefill_and_decode(session, export.model, steps=1)) <= FP32_ATOL
+
+
+def test_weights_read_from_a_removed_folder_are_written_in(exports, tmp_path):
+    """A traced model over 2 GiB reads its weights from the exporter's scratch files; when the passes bring it under
+    the threshold, the saved file must hold them, not point at the scratch folder that is then removed."""
+    import shutil
+
+    from mone_export.onnx_utils import save_model
+
+    export = exports("olmoe", "mone")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    first = export_onnx(export.model, scratch / "model.onnx", external_data=True, progress=False)
+    model = ir.load(first)  # initializers are references into scratch/model.onnx.data
+    path = save_model(model, tmp_path / "model.onnx", external_data=False)
+    shutil.rmtree(scratch)
+
+    assert not (tmp_path / "model.onnx.data").exists()
     session = make_session(path)
     assert max(prefill_and_decode(session, export.model, steps=1)) <= FP32_ATOL
 
