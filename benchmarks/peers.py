@@ -9,8 +9,8 @@ intermediate 2816, top-2, vocabulary 32768):
   timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
 - **gpt-oss** (which the onnxruntime-genai builder takes; our five bundled families it does not): the builder's fp32
   and int4 models beside ours unpruned / MoNE 0.5, fp32 / int4, all timed through ``onnxruntime_genai`` (a prefill
-  is ``append_tokens`` of the prompt; a decode step is ``append_tokens`` of one token after ``rewind_to`` the
-  prompt's length).
+  is ``append_tokens`` of the prompt; decode steps are ``append_tokens`` of one token each, one after the other:
+  genai cannot rewind gpt-oss's sliding-window cache once it is full).
 
 Per contestant: prefill of 128 and 1024 tokens, and one decode step with a past of 128 and of 2048 tokens (attention
 grows with the context); medians after warm-up, contestants interleaved round by round
@@ -49,6 +49,8 @@ ROPE_THETA = 1000000.0
 RATIO = 0.5
 PREFILLS, PASTS = (128, 1024), (128, 2048)
 CALIB = dict(source="random", samples=16, seq_len=128)
+DECODE_STEPS = 128
+"""Room for the decode steps of one genai generator (warm-up and timed, untimed settling runs included)."""
 
 
 def _tokenizer_into(folder: Path) -> None:
@@ -147,15 +149,18 @@ def optimum(folder: Path) -> None:
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def decode_read_bytes(onnx_path: Path, vocab: int, top_k: int, experts: int) -> int:
+def decode_read_bytes(onnx_path: Path, vocab: int, top_k: int, experts: int) -> int | None:
     """Weight bytes one decode step reads: all non-expert weights, one embedding row, top_k / E of the expert bytes.
 
     Expert weights are the initializers whose name holds ``.experts.`` (per expert or a fused stack); a novice has
-    none, so a pruned export's expectation is lower by exactly the bytes it dropped.
+    none, so a pruned export's expectation is lower by exactly the bytes it dropped. None when no initializer is
+    named so (Optimum's export keeps the exporter's anonymous names): the estimate would count every expert.
     """
     import onnx
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
+    if not any(".experts." in tensor.name for tensor in proto.graph.initializer):
+        return None
     total = 0
     for tensor in proto.graph.initializer:
         size = _tensor_bytes(tensor)
@@ -194,7 +199,9 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
 
 
 def genai_runner(model, ids):
-    """Prefill and one decode step (past = the prompt) through onnxruntime-genai, as :func:`ort_runner` does."""
+    """Prefill and decode steps after it through onnxruntime-genai. Unlike :func:`ort_runner` the decode steps
+    follow each other (the past grows from the prompt's length by one per step, at most ``DECODE_STEPS``): genai
+    cannot rewind a sliding-window cache once it is full (gpt-oss)."""
     import numpy as np
     import onnxruntime_genai as og
 
@@ -205,7 +212,7 @@ def genai_runner(model, ids):
 
     def generator():
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=tokens + 8, do_sample=False)
+        params.set_search_options(max_length=tokens + DECODE_STEPS, do_sample=False)
         return og.Generator(model, params)
 
     def prefill():
@@ -214,8 +221,7 @@ def genai_runner(model, ids):
     held = generator()
     held.append_tokens(prompt)
     nxt = np.array([[int(np.argmax(np.asarray(held.get_logits())[0, -1]))]], dtype=np.int32)
-    return LatencyRunner(prefill=prefill, decode=lambda: held.append_tokens(nxt),
-                         reset=lambda: held.rewind_to(tokens))
+    return LatencyRunner(prefill=prefill, decode=lambda: held.append_tokens(nxt))
 
 
 def _contestants(folder: Path, family: str) -> dict[str, Path]:
@@ -289,8 +295,9 @@ def time_family(folder: Path, family: str, args, bandwidth: float) -> dict:
             row[key.removesuffix("_ms") + "_vs_" + ("optimum" if family == "qwen3_moe" else "builder_fp32")] = \
                 row[key] / rows[base][key]
         decode = row[f"decode_past_{PASTS[0]}_ms"] / 1e3
-        row["achieved_bytes_per_s"] = row["decode_read_bytes"] / decode
-        row["achieved_vs_copy_bandwidth"] = row["achieved_bytes_per_s"] / bandwidth
+        read = row["decode_read_bytes"]
+        row["achieved_bytes_per_s"] = None if read is None else read / decode
+        row["achieved_vs_copy_bandwidth"] = None if read is None else row["achieved_bytes_per_s"] / bandwidth
     not_built = {path.name.removesuffix(".failed"): path.read_text().strip()
                  for path in sorted(folder.glob(f"{family}-*.failed"))}
     return {"shape": shape, "reference": base, "rows": rows, "not_built": not_built}
@@ -312,8 +319,10 @@ def markdown(result: dict) -> str:
                                 for suffix in [("optimum" if family == "qwen3_moe" else "builder_fp32")])
             lines.append(f"| {name} | {row['weight_bytes'] / 1e6:.0f} | {row['prefill_128_ms']:.0f} | "
                          f"{row['prefill_1024_ms']:.0f} | {row['decode_past_128_ms']:.1f} | "
-                         f"{row['decode_past_2048_ms']:.1f} | {ratios} | {row['decode_read_bytes'] / 1e6:.0f} | "
-                         f"{row['achieved_bytes_per_s'] / 1e9:.1f} ({row['achieved_vs_copy_bandwidth']:.0%}) |")
+                         f"{row['decode_past_2048_ms']:.1f} | {ratios} | " + (
+                             "n/a | n/a |" if row["decode_read_bytes"] is None else
+                             f"{row['decode_read_bytes'] / 1e6:.0f} | {row['achieved_bytes_per_s'] / 1e9:.1f} "
+                             f"({row['achieved_vs_copy_bandwidth']:.0%}) |"))
         for name, reason in data.get("not_built", {}).items():
             lines.append(f"Not built: {name} ({reason}).")
         lines.append("")
@@ -349,7 +358,12 @@ def main(argv=None):
         optimum(args.dir)
     else:
         result = time_all(args.dir, args)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        path = Path(args.json)
+        if path.exists():  # a run of some families keeps the others' results
+            previous = json.loads(path.read_text())
+            result["families"] = {**previous.get("families", {}), **result["families"]}
+            result["markdown"] = markdown(result)
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

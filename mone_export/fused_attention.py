@@ -142,6 +142,8 @@ def gqa_unsupported_reason(model: nn.Module) -> str | None:
         return "its attention caches a compressed latent (MLA), which GroupQueryAttention does not compute"
     if any(spec.key_dim != spec.value_dim for spec in cache_shapes(config)):
         return "its keys and values have different head sizes"
+    if any(spec.key_dim % 8 for spec in cache_shapes(config)):
+        return "its head size is not a multiple of 8 (the kernel's requirement)"
     layer_types = getattr(config, "layer_types", None)
     # Where the config lists layer types, they say which layers slide (Qwen2-MoE keeps a window size it does not
     # use); otherwise a window size means every layer slides (Mixtral passes config.sliding_window to each).

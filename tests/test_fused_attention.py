@@ -25,6 +25,7 @@ from mone_export.ort_session import OrtDecoder
 from mone_export.pipeline import CalibrationOptions, calibrate_and_plan
 from mone_export.reference import torch_step
 from mone_export.validate import check_logits
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,6 +75,14 @@ def test_latent_attention_is_refused_and_auto_falls_back(tmp_path):
         export_onnx(model, tmp_path / "gqa", progress=False, attention="gqa")
     path = export_onnx(model, tmp_path / "auto", progress=False, attention="auto")
     assert not any(node.op_type == "GroupQueryAttention" for node in ir.load(path).graph)
+
+
+def test_head_size_the_kernel_refuses(tmp_path):
+    model = tiny_model("qwen3_moe")
+    assert model.config.head_dim % 8  # the tiny configs' awkward sizes
+    assert "multiple of 8" in gqa_unsupported_reason(model)
+    with pytest.raises(UsageError, match="multiple of 8"):
+        export_onnx(model, tmp_path, progress=False, attention="gqa")
 
 
 def test_pipeline_and_genai(tmp_path):
