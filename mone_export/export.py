@@ -557,11 +557,13 @@ def _run_graph_passes(model):
 
 
 def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], target: torch.dtype,
-                         run_passes: bool = True, log=logger.debug, quantization=None):
+                         run_passes: bool = True, log=logger.debug, quantization=None, fuse_norms: bool = False):
     """What follows the trace: initializers named after the parameters they hold, the dispatch's routing weights
-    named ``routing_names`` (one per traced MoE layer), tied weights shared, the graph passes, with ``quantization``
-    (a :class:`~mone_export.quantization.WeightQuantization`) the weights quantised, and in a half-precision export
-    the float32 constants with exact half values stored narrow. Returns the model."""
+    named ``routing_names`` (one per traced MoE layer), tied weights shared, the graph passes, with ``fuse_norms``
+    each residual add and the RMS norm after it as one ``SkipSimplifiedLayerNormalization``
+    (:mod:`graph_passes.fuse_norms`), with ``quantization`` (a :class:`~mone_export.quantization.WeightQuantization`)
+    the weights quantised, and in a half-precision export the float32 constants with exact half values stored narrow.
+    Returns the model."""
     import onnx_ir as ir
     import onnx_ir.passes.common  # noqa: F401  (IdentityEliminationPass)
 
@@ -576,6 +578,12 @@ def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], 
         log("tied weights: %d MatMul(s) now read the untransposed initializer", shared)
     if run_passes:
         ir_model = _run_graph_passes(ir_model)
+    if fuse_norms:
+        from graph_passes.fuse_norms import FuseNormsPass
+
+        before = len(ir_model.graph)
+        FuseNormsPass()(ir_model)
+        log("residual adds and RMS norms fused: %d nodes fewer", before - len(ir_model.graph))
     if quantization is not None:
         from mone_export.quantization import quantize_export
 
@@ -620,7 +628,9 @@ def export_onnx(
         quantization: a :class:`~mone_export.quantization.WeightQuantization` (``int4``/``int8`` weights, float32
             routers and novice biases: :mod:`mone_export.quantization`), or None for float weights. Needs ``fp32``.
         attention: ``plain`` (standard ops: any ONNX runtime), ``gqa`` (one ``com.microsoft.GroupQueryAttention`` per
-            layer: :mod:`mone_export.fused_attention`) or ``auto`` (``gqa`` where the model allows it).
+            layer: :mod:`mone_export.fused_attention`) or ``auto`` (``gqa`` where the model allows it). With ``gqa``
+            or ``quantization`` each residual add and the RMS norm after it become one
+            ``com.microsoft.SkipSimplifiedLayerNormalization`` (:mod:`graph_passes.fuse_norms`).
 
     The file is written in place of any previous one; for an atomic folder use
     :func:`mone_export.output_folder.write_output_folder`.
@@ -659,8 +669,11 @@ def export_onnx(
         ir_model = ir.load(raw)
         log("traced in %.1f s: %d nodes, %.1f MB of weights", time.perf_counter() - started,
             len(ir_model.graph), initializer_bytes(ir_model) / 1e6)
+        # A graph that needs ONNX Runtime's contrib ops anyway (fused attention, quantised weights) takes its fused
+        # norm too; the plain fp32/fp16 graph stays standard ONNX.
+        fuse_norms = run_passes and (attention == "gqa" or quantization is not None)
         ir_model = process_traced_graph(ir_model, source, routing_weights_names(source), target, run_passes, log,
-                                        quantization)
+                                        quantization, fuse_norms)
         finalize_model(ir_model, opset=opset, producer_version=__version__)
         for stale in (path, path.with_name(path.name + ".data")):
             stale.unlink(missing_ok=True)

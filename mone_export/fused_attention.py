@@ -13,13 +13,14 @@ How it is traced. Within :func:`gqa_attention` the model runs with
 - an attention implementation registered with transformers (``mone_gqa``) that calls :class:`GroupQueryAttention`
   on the query, the *new* keys and values and the layer's past, and records the layer's ``present``;
 - no attention mask: the kernel builds the causal mask from ``seqlens_k = Σ attention_mask − 1`` and the total
-  length, so the mask subgraph is dead code and the cleanup passes drop it.
+  length, so the mask subgraph is dead code and the cleanup passes drop it. A sliding-window layer passes its
+  window to the kernel (``local_window_size``), attention sinks (gpt-oss) its ``head_sink`` input.
 
 What the fused form assumes, and the plain form does not: every row of ``attention_mask`` is ones up to its
 length (no left padding: the valid tokens come first), and a batch with more than one new token per row starts
 from an empty past (the kernel's CPU rule; a batched prompt, or one token per row with a past, are both fine).
 :func:`gqa_unsupported_reason` refuses models whose attention the kernel does not compute: MLA caches, keys and
-values of different sizes, sliding-window layers, attention sinks.
+values of different sizes, head sizes that are not a multiple of 8.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import contextlib
 import dataclasses
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -47,13 +49,15 @@ class GroupQueryAttention(torch.autograd.Function):
 
     Inputs: ``query [B, S, Hq·D]``, ``key`` / ``value [B, S, Hkv·D]`` (the new positions), ``past_key`` /
     ``past_value [B, Hkv, P, D]``, ``seqlens_k [B]`` int32 (total valid length − 1), ``total_length`` int32
-    scalar. Outputs: ``[B, S, Hq·D]`` and ``present_key`` / ``present_value [B, Hkv, P+S, D]``. Query head ``h``
-    reads key head ``h // (Hq / Hkv)`` (transformers' ``repeat_kv``).
+    scalar, ``head_sink [Hq]`` (attention sinks: one extra logit per head in the softmax, gpt-oss; empty for
+    none). Attributes: ``window`` is the kernel's ``local_window_size`` (a query sees that many positions, itself
+    included, as transformers' ``sliding_window``; −1: all). Outputs: ``[B, S, Hq·D]`` and ``present_key`` / ``present_value
+    [B, Hkv, P+S, D]``. Query head ``h`` reads key head ``h // (Hq / Hkv)`` (transformers' ``repeat_kv``).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int,
-                kv_num_heads: int, scale: float, softcap: float):
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, head_sink, num_heads: int,
+                kv_num_heads: int, scale: float, softcap: float, window: int):
         batch, length, _ = query.shape
         dim = query.shape[-1] // num_heads
         q = query.view(batch, length, num_heads, dim).transpose(1, 2)
@@ -67,21 +71,47 @@ class GroupQueryAttention(torch.autograd.Function):
             scores = torch.tanh(scores / softcap) * softcap
         past = present_key.shape[2] - length
         causal = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(past)
+        if window >= 0:  # the kernel's local_window_size: a query sees `window` positions, itself included
+            causal &= ~torch.ones_like(causal).tril(past - window)
         scores = scores.masked_fill(~causal, float("-inf"))
-        out = (scores.softmax(-1).to(values.dtype) @ values).transpose(1, 2).reshape(batch, length, -1)
+        if head_sink.numel():  # one more logit per head in the softmax's denominator, attending to nothing
+            sink = head_sink.float().view(1, num_heads, 1, 1).expand(batch, -1, length, 1)
+            probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out = (probs.to(values.dtype) @ values).transpose(1, 2).reshape(batch, length, -1)
         return out, present_key, present_value
 
     @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads,
-                 scale, softcap):
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, head_sink, num_heads,
+                 kv_num_heads, scale, softcap, window):
+        inputs = [query, key, value, past_key, past_value, seqlens_k, total_length]
+        if _static_numel(head_sink):
+            # cos_cache, sin_cache, position_ids and attention_bias are absent: empty names in the node's inputs
+            inputs += [_absent(g) for _ in range(4)] + [head_sink]
         out, present_key, present_value = g.op(
-            "com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k, total_length,
-            num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, scale_f=scale, softcap_f=softcap, outputs=3)
+            "com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads,
+            scale_f=scale, softcap_f=softcap, local_window_size_i=window, outputs=3)
         # The exporter cannot infer a contrib op's outputs: same element types and ranks as the inputs they follow.
         out.setType(query.type())
         present_key.setType(past_key.type())
         present_value.setType(past_value.type())
         return out, present_key, present_value
+
+
+def _static_numel(value) -> int:
+    """Elements of a traced tensor whose shape the trace knows (the sinks are a parameter: always known)."""
+    sizes = value.type().sizes()
+    return 0 if sizes is None else int(np.prod(sizes))
+
+
+def _absent(g):
+    """An omitted optional input of an ONNX node, as the TorchScript exporter writes it (an empty name)."""
+    from torch import _C
+
+    placeholder = g.op("prim::Constant")
+    placeholder.setType(_C.OptionalType.ofTensor())
+    return placeholder
 
 
 class NewStatesCache(DynamicCache):
@@ -111,19 +141,20 @@ def _fused_attention(module: nn.Module, query, key, value, attention_mask, scali
     (from :class:`NewStatesCache`); returns ``([B, S, Hq, D], None)``."""
     if not _STEPS:
         raise RuntimeError("the fused attention runs only inside mone_export.fused_attention.gqa_attention")
-    if sliding_window is not None or kwargs.get("s_aux") is not None:
-        raise RuntimeError(f"{type(module).__name__}: sliding-window or sink attention is not fused; export with "
-                           "--attention plain")
     step = _STEPS[-1]
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     past_key, past_value = step.past[module.layer_idx]
+    sinks = kwargs.get("s_aux")
     out, present_key, present_value = GroupQueryAttention.apply(
         query.transpose(1, 2).reshape(batch, length, heads * dim),
         key.transpose(1, 2).reshape(batch, length, kv_heads * dim),
         value.transpose(1, 2).reshape(batch, length, kv_heads * dim),
-        past_key, past_value, step.seqlens_k, step.total_length, int(heads), int(kv_heads),
-        float(scaling if scaling is not None else dim ** -0.5), float(softcap or 0.0))
+        past_key, past_value, step.seqlens_k, step.total_length,
+        sinks.to(query.dtype) if sinks is not None else query.new_zeros(0), int(heads), int(kv_heads),
+        float(scaling if scaling is not None else dim ** -0.5), float(softcap or 0.0),
+        # measured against transformers' eager attention: both count the query itself in the window
+        int(sliding_window) if sliding_window is not None else -1)
     step.present[module.layer_idx] = (present_key, present_value)
     return out.view(batch, length, heads, dim), None
 
@@ -144,15 +175,10 @@ def gqa_unsupported_reason(model: nn.Module) -> str | None:
         return "its keys and values have different head sizes"
     if any(spec.key_dim % 8 for spec in cache_shapes(config)):
         return "its head size is not a multiple of 8 (the kernel's requirement)"
-    layer_types = getattr(config, "layer_types", None)
-    # Where the config lists layer types, they say which layers slide (Qwen2-MoE keeps a window size it does not
-    # use); otherwise a window size means every layer slides (Mixtral passes config.sliding_window to each).
-    sliding = ("sliding_attention" in layer_types) if layer_types else getattr(config, "sliding_window", None)
-    if sliding:
-        return "it has sliding-window attention layers"
     for module in model.modules():
-        if "Attention" in type(module).__name__ and isinstance(getattr(module, "sinks", None), nn.Parameter):
-            return "its attention has sinks"
+        sinks = getattr(module, "sinks", None) if "Attention" in type(module).__name__ else None
+        if isinstance(sinks, nn.Parameter) and sinks.dim() != 1:
+            return f"its attention sinks have shape {list(sinks.shape)}, not one per query head"
     return None
 
 

@@ -25,7 +25,7 @@ from mone_export.ort_session import OrtDecoder
 from mone_export.pipeline import CalibrationOptions, calibrate_and_plan
 from mone_export.reference import torch_step
 from mone_export.validate import check_logits
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_model_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,6 +49,29 @@ def test_fused_export_matches_pytorch(name, tmp_path):
     assert ops["GroupQueryAttention"] == layers
     # no attention softmax or mask left: the only Softmax nodes are the routers'
     assert ops["Softmax"] <= layers and ops["Where"] == 0
+    prompts = torch.randint(0, model.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(1))
+
+    rows, failures = check_logits(OrtDecoder(path), model, prompts, 4, 1e-4, "float32")
+
+    assert not failures, rows
+
+
+@pytest.mark.parametrize("model_type, window", [("gpt_oss", 4), ("mixtral", 5)])
+def test_sliding_windows_and_sinks(model_type, window, tmp_path):
+    """gpt-oss (sliding and full layers alternating, attention sinks) and a Mixtral whose every layer slides: the
+    kernel's local window and head sinks match transformers' eager attention on prompts longer than the window."""
+    model = tiny_model_of(model_type, head_dim=16, sliding_window=window)
+    sinks = [m.sinks for m in model.modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    with torch.no_grad():
+        for sink in sinks:  # sizeable sinks, so that a kernel ignoring them would fail the check
+            sink.copy_(torch.randn(sink.shape, generator=torch.Generator().manual_seed(5)) * 2)
+    assert gqa_unsupported_reason(model) is None
+    path = export_onnx(model, tmp_path, progress=False, attention="gqa")
+    nodes = [node for node in ir.load(path).graph if node.op_type == "GroupQueryAttention"]
+    types = getattr(model.config, "layer_types", None) or ["sliding_attention"] * model.config.num_hidden_layers
+    assert [n.attributes.get_int("local_window_size", -1) for n in nodes] == [
+        window if kind == "sliding_attention" else -1 for kind in types]
+    assert all((len(n.inputs) == 12 and n.inputs[11] is not None) == bool(sinks) for n in nodes)
     prompts = torch.randint(0, model.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(1))
 
     rows, failures = check_logits(OrtDecoder(path), model, prompts, 4, 1e-4, "float32")
