@@ -36,6 +36,10 @@ Passes
 - :func:`cleanup_passes` (constant folding of small tensors, dead code,
   unused functions / opsets, duplicate initializers),
 - :func:`prune_novices`: all of the above, in that order.
+
+Passes for ONNX Runtime's contrib ops, run by the export where the graph uses them
+(``--quant``, ``--attention gqa``): :mod:`graph_passes.quantize_weights` (``MatMulNBits`` /
+``GatherBlockQuantized``) and :mod:`graph_passes.fuse_norms` (``SkipSimplifiedLayerNormalization``).
 """
 
 from __future__ import annotations
