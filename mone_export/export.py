@@ -201,7 +201,7 @@ class DecoderWithCache(nn.Module):
     def _fused_forward(self, input_ids, attention_mask, position_ids, layers):
         from mone_export.fused_attention import NewStatesCache, fused_step
 
-        with fused_step(layers, attention_mask) as step:
+        with fused_step(layers, attention_mask, position_ids) as step:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=NewStatesCache(ddp_cache_data=layers), use_cache=True, return_dict=True)
         present = [tensor for index in range(self.num_layers) for tensor in step.present[index]]

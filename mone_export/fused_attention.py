@@ -9,7 +9,11 @@ grouped keys directly, applies the causal mask itself and appends the new keys t
 How it is traced. Within :func:`gqa_attention` the model runs with
 
 - a cache whose ``update`` returns the new keys and values as they are (:class:`NewStatesCache`), so the model's
-  own attention module computes its projections, norms and rotary embedding exactly as in the plain form;
+  own attention module computes its projections and norms exactly as in the plain form;
+- the rotary embedding inside the kernel (``do_rotary=1`` with ``cos_cache`` / ``sin_cache`` of every position
+  up to ``max_position_embeddings`` from the model's own rotary module, and the graph's ``position_ids``) where the
+  model's ``apply_rotary_pos_emb`` is checked to compute the kernel's ``rotate_half`` rotary on random inputs and
+  the angles depend on the position only (:func:`rotary_cache`); otherwise the model's rotary ops stay;
 - an attention implementation registered with transformers (``mone_gqa``) that calls :class:`GroupQueryAttention`
   on the query, the *new* keys and values and the layer's past, and records the layer's ``present``;
 - no attention mask: the kernel builds the causal mask from ``seqlens_k = Σ attention_mask − 1`` and the total
@@ -35,7 +39,7 @@ from torch import nn
 from transformers import DynamicCache
 
 __all__ = ["ATTENTION_FORMS", "GroupQueryAttention", "NewStatesCache", "check_attention_form", "fused_step",
-           "gqa_attention", "gqa_unsupported_reason", "resolve_attention"]
+           "gqa_attention", "gqa_unsupported_reason", "resolve_attention", "RotaryCache", "rotary_cache"]
 
 ATTENTION_FORMS = ("plain", "gqa", "auto")
 """Values of ``--attention``: ``auto`` picks ``gqa`` where the model allows it."""
@@ -56,10 +60,15 @@ class GroupQueryAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, head_sink, num_heads: int,
-                kv_num_heads: int, scale: float, softcap: float, window: int):
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+                position_ids, head_sink, num_heads: int, kv_num_heads: int, scale: float, softcap: float,
+                window: int):
         batch, length, _ = query.shape
         dim = query.shape[-1] // num_heads
+        if cos_cache.numel():  # the kernel's rotary: consecutive positions from each row's first position id
+            positions = position_ids[:, :1].long() + torch.arange(length, device=query.device)
+            query = _rotate(query.view(batch, length, num_heads, dim), cos_cache, sin_cache, positions).flatten(2)
+            key = _rotate(key.view(batch, length, kv_num_heads, dim), cos_cache, sin_cache, positions).flatten(2)
         q = query.view(batch, length, num_heads, dim).transpose(1, 2)
         present_key = torch.cat([past_key, key.view(batch, length, kv_num_heads, dim).transpose(1, 2)], dim=2)
         present_value = torch.cat([past_value, value.view(batch, length, kv_num_heads, dim).transpose(1, 2)], dim=2)
@@ -83,20 +92,33 @@ class GroupQueryAttention(torch.autograd.Function):
         return out, present_key, present_value
 
     @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, head_sink, num_heads,
-                 kv_num_heads, scale, softcap, window):
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+                 position_ids, head_sink, num_heads, kv_num_heads, scale, softcap, window):
+        rotary = bool(_static_numel(cos_cache))
         inputs = [query, key, value, past_key, past_value, seqlens_k, total_length]
+        if rotary or _static_numel(head_sink):
+            inputs += [cos_cache, sin_cache, position_ids] if rotary else [_absent(g), _absent(g), _absent(g)]
         if _static_numel(head_sink):
-            # cos_cache, sin_cache, position_ids and attention_bias are absent: empty names in the node's inputs
-            inputs += [_absent(g) for _ in range(4)] + [head_sink]
+            inputs += [_absent(g), head_sink]  # no attention_bias
         out, present_key, present_value = g.op(
             "com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads,
-            scale_f=scale, softcap_f=softcap, local_window_size_i=window, outputs=3)
+            scale_f=scale, softcap_f=softcap, local_window_size_i=window, do_rotary_i=int(rotary),
+            rotary_interleaved_i=0, outputs=3)
         # The exporter cannot infer a contrib op's outputs: same element types and ranks as the inputs they follow.
         out.setType(query.type())
         present_key.setType(past_key.type())
         present_value.setType(past_value.type())
         return out, present_key, present_value
+
+
+def _rotate(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, positions: torch.Tensor):
+    """Rotary embedding of ``x [B, S, heads, D]`` at ``positions [B, S]`` from half-width caches ``[P, D/2]``:
+    transformers' ``rotate_half`` form (first half with second half), which the kernel computes with
+    ``rotary_interleaved=0``."""
+    cos = cos_cache[positions][:, :, None].to(x.dtype)
+    sin = sin_cache[positions][:, :, None].to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
 
 def _static_numel(value) -> int:
@@ -129,10 +151,18 @@ class _Step:
     past: list[tuple[torch.Tensor, torch.Tensor]]
     seqlens_k: torch.Tensor
     total_length: torch.Tensor
+    position_ids: torch.Tensor
     present: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    rotary_deferred: bool = False  # the layer now running skipped its rotary: the kernel applies it
 
 
 _STEPS: list[_Step] = []
+_ROTARY: list[tuple[torch.Tensor, torch.Tensor]] = []
+"""The half-width cos/sin caches of the model under :func:`gqa_attention`, when its rotary is deferred."""
+
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+"""Rotary types whose angles depend on the position only (not on the sequence length, as ``dynamic`` and
+``longrope`` do), so that one cache of every position computes them."""
 
 
 def _fused_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -146,12 +176,15 @@ def _fused_attention(module: nn.Module, query, key, value, attention_mask, scali
     kv_heads = key.shape[1]
     past_key, past_value = step.past[module.layer_idx]
     sinks = kwargs.get("s_aux")
+    cos_cache, sin_cache = (_ROTARY[-1] if step.rotary_deferred else (query.new_zeros(0), query.new_zeros(0)))
+    step.rotary_deferred = False
     out, present_key, present_value = GroupQueryAttention.apply(
         query.transpose(1, 2).reshape(batch, length, heads * dim),
         key.transpose(1, 2).reshape(batch, length, kv_heads * dim),
         value.transpose(1, 2).reshape(batch, length, kv_heads * dim),
-        past_key, past_value, step.seqlens_k, step.total_length,
-        sinks.to(query.dtype) if sinks is not None else query.new_zeros(0), int(heads), int(kv_heads),
+        past_key, past_value, step.seqlens_k, step.total_length, cos_cache.to(query.dtype),
+        sin_cache.to(query.dtype), step.position_ids, sinks.to(query.dtype) if sinks is not None else query.new_zeros(0), int(heads),
+        int(kv_heads),
         float(scaling if scaling is not None else dim ** -0.5), float(softcap or 0.0),
         # measured against transformers' eager attention: both count the query itself in the window
         int(sliding_window) if sliding_window is not None else -1)
@@ -206,9 +239,103 @@ def resolve_attention(form: str, model: nn.Module) -> str:
                      "pass --attention plain (or auto).")
 
 
+@dataclasses.dataclass(frozen=True)
+class RotaryCache:
+    """The kernel's rotary caches, ``[max_position_embeddings, D/2]`` float32, and the form of the model's angles."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    duplicated: bool  # the model hands over [..., D] angles, the same in both halves (else [..., D/2]: gpt-oss)
+
+
+def rotary_cache(model: nn.Module) -> RotaryCache | None:
+    """The kernel's ``cos_cache`` / ``sin_cache [max_position_embeddings, D/2]`` (float32) computed by the model's
+    own rotary embedding, or None where the kernel cannot take the model's rotary: more than one rotary module, a
+    type whose angles depend on the sequence length, a rotary narrower than the head (partial rotary), or angles
+    that are not duplicated across the two halves (the ``rotate_half`` form)."""
+    from mone_export.export import cache_shapes
+
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    specs = cache_shapes(model.config)
+    if len(rotaries) != 1 or getattr(rotaries[0], "rope_type", None) not in STATIC_ROPE_TYPES:
+        return None
+    dims = {spec.key_dim for spec in specs}
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if len(dims) != 1 or not positions:
+        return None
+    (dim,) = dims
+    half = dim // 2
+    with torch.no_grad():
+        probe = torch.zeros(1, 1, dtype=torch.float32, device=rotaries[0].inv_freq.device)
+        cos, sin = (t[0].float() for t in rotaries[0](probe, torch.arange(positions, device=probe.device)[None]))
+    if cos.shape[-1] == dim and torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:]):
+        return RotaryCache(cos[:, :half].contiguous(), sin[:, :half].contiguous(), duplicated=True)
+    if cos.shape[-1] == half:  # a family that keeps half-width angles (gpt-oss)
+        return RotaryCache(cos.contiguous(), sin.contiguous(), duplicated=False)
+    return None
+
+
+def _rotary_function_matches(function, cache: RotaryCache, heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether a modeling module's ``apply_rotary_pos_emb(q, k, cos, sin)`` computes the kernel's rotary, tried on
+    random queries and keys at a few positions (the angles as the model's rotary embedding hands them over)."""
+    cos_cache, sin_cache = cache.cos, cache.sin
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 7, cos_cache.shape[0] - 1]])
+    q = torch.randn(1, heads, 4, dim, generator=generator)
+    k = torch.randn(1, kv_heads, 4, dim, generator=generator)
+    cos = cos_cache[positions]
+    sin = sin_cache[positions]
+    if cache.duplicated:  # the angles as the model's rotary embedding hands them over
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    try:
+        got_q, got_k = function(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 - a signature or shape this check does not know: keep the model's own rotary
+        return False
+    want_q = _rotate(q.transpose(1, 2), cos_cache, sin_cache, positions).transpose(1, 2)
+    want_k = _rotate(k.transpose(1, 2), cos_cache, sin_cache, positions).transpose(1, 2)
+    return bool(torch.allclose(got_q, want_q, atol=1e-5) and torch.allclose(got_k, want_k, atol=1e-5))
+
+
+@contextlib.contextmanager
+def _deferred_rotary(model: nn.Module) -> Iterator[bool]:
+    """Within the block, where the check allows it, the modeling module's ``apply_rotary_pos_emb`` hands the query
+    and key back unrotated and flags the step, and the layer's kernel applies the rotary from :func:`rotary_cache`
+    (no rotary ops in the graph). Yields whether it does."""
+    import sys
+
+    cache = rotary_cache(model)
+    attentions = [m for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "layer_idx")]
+    modules = {sys.modules[type(m).__module__] for m in attentions}
+    config = model.config
+    dim = cache.cos.shape[-1] * 2 if cache is not None else 0
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    if cache is None or len(modules) != 1 or not all(
+            _rotary_function_matches(getattr(m, "apply_rotary_pos_emb", None), cache, heads, kv_heads, dim)
+            for m in modules):
+        yield False
+        return
+    (module,) = modules
+    original = module.apply_rotary_pos_emb
+
+    def deferred(q, k, cos, sin, *args, **kwargs):
+        if not _STEPS:
+            return original(q, k, cos, sin, *args, **kwargs)
+        _STEPS[-1].rotary_deferred = True
+        return q, k
+
+    module.apply_rotary_pos_emb = deferred
+    _ROTARY.append((cache.cos, cache.sin))
+    try:
+        yield True
+    finally:
+        _ROTARY.pop()
+        module.apply_rotary_pos_emb = original
+
+
 @contextlib.contextmanager
 def gqa_attention(model: nn.Module) -> Iterator[None]:
-    """Within the block the model's attention is :func:`_fused_attention` (registered as ``mone_gqa``)."""
+    """Within the block the model's attention is :func:`_fused_attention` (registered as ``mone_gqa``), with the
+    rotary embedding inside the kernel where :func:`_deferred_rotary` allows it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -217,18 +344,20 @@ def gqa_attention(model: nn.Module) -> Iterator[None]:
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPLEMENTATION)
     try:
-        yield
+        with _deferred_rotary(model):
+            yield
     finally:
         model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager
-def fused_step(past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor) -> Iterator[_Step]:
-    """One forward of the fused form: the past per layer and the kernel's lengths; yields the step, whose
-    ``present`` the attention fills."""
+def fused_step(past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> Iterator[_Step]:
+    """One forward of the fused form: the past per layer, the kernel's lengths and the positions (for a rotary
+    inside the kernel); yields the step, whose ``present`` the attention fills."""
     seqlens_k = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
     total_length = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
-    step = _Step(past=past, seqlens_k=seqlens_k, total_length=total_length)
+    step = _Step(past=past, seqlens_k=seqlens_k, total_length=total_length, position_ids=position_ids)
     _STEPS.append(step)
     try:
         yield step

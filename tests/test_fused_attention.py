@@ -19,7 +19,7 @@ from mone_export import load_model
 from mone_export.errors import UsageError
 from mone_export.export import export_onnx
 from mone_export.export_pipeline import export_model
-from mone_export.fused_attention import gqa_unsupported_reason
+from mone_export.fused_attention import gqa_unsupported_reason, rotary_cache
 from mone_export.novices import apply_plan
 from mone_export.ort_session import OrtDecoder
 from mone_export.pipeline import CalibrationOptions, calibrate_and_plan
@@ -44,9 +44,15 @@ def _pruned(name: str):
 def test_fused_export_matches_pytorch(name, tmp_path):
     model = _pruned(name)
     path = export_onnx(model, tmp_path, progress=False, attention="gqa")
-    ops = collections.Counter(node.op_type for node in ir.load(path).graph)
+    graph = ir.load(path).graph
+    ops = collections.Counter(node.op_type for node in graph)
     layers = model.config.num_hidden_layers
     assert ops["GroupQueryAttention"] == layers
+    # the rotary embedding is inside the kernel: no angle computed in the graph
+    assert all(n.attributes.get_int("do_rotary", 0) == 1 for n in graph if n.op_type == "GroupQueryAttention")
+    assert ops["Sin"] == ops["Cos"] == 0
+    # the residual adds and the norms after them are fused: 2 per layer (the first layer's input norm has no add)
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     # no attention softmax or mask left: the only Softmax nodes are the routers'
     assert ops["Softmax"] <= layers and ops["Where"] == 0
     prompts = torch.randint(0, model.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(1))
@@ -72,10 +78,26 @@ def test_sliding_windows_and_sinks(model_type, window, tmp_path):
     assert [n.attributes.get_int("local_window_size", -1) for n in nodes] == [
         window if kind == "sliding_attention" else -1 for kind in types]
     assert all((len(n.inputs) == 12 and n.inputs[11] is not None) == bool(sinks) for n in nodes)
+    assert all(n.attributes.get_int("do_rotary", 0) == 1 for n in nodes)  # gpt-oss: YaRN, half-width angles
     prompts = torch.randint(0, model.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(1))
 
     rows, failures = check_logits(OrtDecoder(path), model, prompts, 4, 1e-4, "float32")
 
+    assert not failures, rows
+
+
+def test_a_rotary_the_kernel_cannot_take_stays_in_the_graph(tmp_path):
+    """Dynamic NTK scaling changes the angles with the sequence length: one cache cannot hold them, so the model's
+    own rotary ops stay and the kernel gets rotated queries and keys."""
+    model = tiny_model_of("mixtral", head_dim=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                   "rope_theta": 10000.0})
+    assert rotary_cache(model) is None
+    path = export_onnx(model, tmp_path, progress=False, attention="gqa")
+    graph = ir.load(path).graph
+    assert [n.attributes.get_int("do_rotary", 0) for n in graph if n.op_type == "GroupQueryAttention"] == [0] * 3
+    assert any(n.op_type == "Cos" for n in graph)
+    prompts = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    rows, failures = check_logits(OrtDecoder(path), model, prompts, 3, 1e-4, "float32")
     assert not failures, rows
 
 
