@@ -51,31 +51,31 @@ IMPLEMENTATION = "mone_gqa"
 class GroupQueryAttention(torch.autograd.Function):
     """``com.microsoft.GroupQueryAttention`` in the trace, and the same function in PyTorch.
 
-    Inputs: ``query [B, S, Hq·D]``, ``key`` / ``value [B, S, Hkv·D]`` (the new positions), ``past_key`` /
+    Inputs: ``query [B, Hq, S, D]``, ``key`` / ``value [B, Hkv, S, D]`` (the new positions, as transformers'
+    attention interface hands them over; the graph packs them into the kernel's ``[B, S, H·D]``), ``past_key`` /
     ``past_value [B, Hkv, P, D]``, ``seqlens_k [B]`` int32 (total valid length − 1), ``total_length`` int32
     scalar, ``head_sink [Hq]`` (attention sinks: one extra logit per head in the softmax, gpt-oss; empty for
     none). Attributes: ``window`` is the kernel's ``local_window_size`` (a query sees that many positions, itself
-    included, as transformers' ``sliding_window``; −1: all). Outputs: ``[B, S, Hq·D]`` and ``present_key`` / ``present_value
-    [B, Hkv, P+S, D]``. Query head ``h`` reads key head ``h // (Hq / Hkv)`` (transformers' ``repeat_kv``).
+    included, as transformers' ``sliding_window``; −1: all). Outputs: ``[B, S, Hq, D]`` and ``present_key`` /
+    ``present_value [B, Hkv, P+S, D]``. Query head ``h`` reads key head ``h // (Hq / Hkv)`` (transformers'
+    ``repeat_kv``).
     """
 
     @staticmethod
     def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
                 position_ids, head_sink, num_heads: int, kv_num_heads: int, scale: float, softcap: float,
                 window: int):
-        batch, length, _ = query.shape
-        dim = query.shape[-1] // num_heads
+        batch, _, length, dim = query.shape
         if cos_cache.numel():  # the kernel's rotary: consecutive positions from each row's first position id
             positions = position_ids[:, :1].long() + torch.arange(length, device=query.device)
-            query = _rotate(query.view(batch, length, num_heads, dim), cos_cache, sin_cache, positions).flatten(2)
-            key = _rotate(key.view(batch, length, kv_num_heads, dim), cos_cache, sin_cache, positions).flatten(2)
-        q = query.view(batch, length, num_heads, dim).transpose(1, 2)
-        present_key = torch.cat([past_key, key.view(batch, length, kv_num_heads, dim).transpose(1, 2)], dim=2)
-        present_value = torch.cat([past_value, value.view(batch, length, kv_num_heads, dim).transpose(1, 2)], dim=2)
+            query = _rotate(query.transpose(1, 2), cos_cache, sin_cache, positions).transpose(1, 2)
+            key = _rotate(key.transpose(1, 2), cos_cache, sin_cache, positions).transpose(1, 2)
+        present_key = torch.cat([past_key, key], dim=2)
+        present_value = torch.cat([past_value, value], dim=2)
         groups = num_heads // kv_num_heads
         keys = present_key.repeat_interleave(groups, dim=1)
         values = present_value.repeat_interleave(groups, dim=1)
-        scores = (q @ keys.transpose(-1, -2)).float() * scale
+        scores = (query @ keys.transpose(-1, -2)).float() * scale
         if softcap > 0:
             scores = torch.tanh(scores / softcap) * softcap
         past = present_key.shape[2] - length
@@ -88,14 +88,22 @@ class GroupQueryAttention(torch.autograd.Function):
             probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
         else:
             probs = scores.softmax(-1)
-        out = (probs.to(values.dtype) @ values).transpose(1, 2).reshape(batch, length, -1)
+        out = (probs.to(values.dtype) @ values).transpose(1, 2).contiguous()
         return out, present_key, present_value
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
                  position_ids, head_sink, num_heads, kv_num_heads, scale, softcap, window):
+        # [B, heads, S, D] -> the kernel's [B, S, heads·D], and its output back to [B, S, heads, D], by constant
+        # shapes (0 copies a dimension): no Shape/Gather/Concat plumbing around the kernel
+        packed_shape = g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64))
+        heads_shape = g.op("Constant", value_t=torch.tensor([0, 0, num_heads, -1], dtype=torch.int64))
+
+        def packed(x):
+            return g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), packed_shape)
+
         rotary = bool(_static_numel(cos_cache))
-        inputs = [query, key, value, past_key, past_value, seqlens_k, total_length]
+        inputs = [packed(query), packed(key), packed(value), past_key, past_value, seqlens_k, total_length]
         if rotary or _static_numel(head_sink):
             inputs += [cos_cache, sin_cache, position_ids] if rotary else [_absent(g), _absent(g), _absent(g)]
         if _static_numel(head_sink):
@@ -104,6 +112,7 @@ class GroupQueryAttention(torch.autograd.Function):
             "com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads,
             scale_f=scale, softcap_f=softcap, local_window_size_i=window, do_rotary_i=int(rotary),
             rotary_interleaved_i=0, outputs=3)
+        out = g.op("Reshape", out, heads_shape)
         # The exporter cannot infer a contrib op's outputs: same element types and ranks as the inputs they follow.
         out.setType(query.type())
         present_key.setType(past_key.type())
@@ -179,17 +188,14 @@ def _fused_attention(module: nn.Module, query, key, value, attention_mask, scali
     cos_cache, sin_cache = (_ROTARY[-1] if step.rotary_deferred else (query.new_zeros(0), query.new_zeros(0)))
     step.rotary_deferred = False
     out, present_key, present_value = GroupQueryAttention.apply(
-        query.transpose(1, 2).reshape(batch, length, heads * dim),
-        key.transpose(1, 2).reshape(batch, length, kv_heads * dim),
-        value.transpose(1, 2).reshape(batch, length, kv_heads * dim),
-        past_key, past_value, step.seqlens_k, step.total_length, cos_cache.to(query.dtype),
-        sin_cache.to(query.dtype), step.position_ids, sinks.to(query.dtype) if sinks is not None else query.new_zeros(0), int(heads),
-        int(kv_heads),
+        query, key, value, past_key, past_value, step.seqlens_k, step.total_length, cos_cache.to(query.dtype),
+        sin_cache.to(query.dtype), step.position_ids,
+        sinks.to(query.dtype) if sinks is not None else query.new_zeros(0), int(heads), int(kv_heads),
         float(scaling if scaling is not None else dim ** -0.5), float(softcap or 0.0),
         # measured against transformers' eager attention: both count the query itself in the window
         int(sliding_window) if sliding_window is not None else -1)
     step.present[module.layer_idx] = (present_key, present_value)
-    return out.view(batch, length, heads, dim), None
+    return out, None
 
 
 def _no_mask(*args, **kwargs):
