@@ -5,7 +5,8 @@ Two synthetic models with seeded random weights, about 640M parameters each (8 l
 intermediate 2816, top-2, vocabulary 32768):
 
 - **Qwen3-MoE** (which Optimum exports): Optimum-ONNX's ``main_export`` fp32, ours unpruned fp32 / int4, ours
-  MoNE 0.5 fp32 / int4 (``--attention auto``: GroupQueryAttention), and MoNE 0.5 int4 with plain attention, all
+  MoNE 0.5 fp32 / int4 (``--attention auto``: GroupQueryAttention), MoNE 0.5 int4 with plain attention and with
+  blocks of 128 instead of 32, all
   timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
 - **gpt-oss** (which the onnxruntime-genai builder takes; our five bundled families it does not): the builder's fp32
   and int4 models beside ours unpruned / MoNE 0.5, fp32 / int4, all timed through ``onnxruntime_genai`` (a prefill
@@ -49,6 +50,8 @@ ROPE_THETA = 1000000.0
 RATIO = 0.5
 PREFILLS, PASTS = (128, 1024), (128, 2048)
 CALIB = dict(source="random", samples=16, seq_len=128)
+BIG_BLOCK = 128
+"""The speed variant beside the default block of 32 (``--quant-block-size 128``: fewer scales, faster kernels)."""
 DECODE_STEPS = 128
 """Room for the decode steps of one genai generator (warm-up and timed, untimed settling runs included)."""
 
@@ -78,8 +81,72 @@ def _build_models(folder: Path) -> None:
     torch.manual_seed(1)
     config = transformers.GptOssConfig(**GPT_OSS)
     gpt = transformers.AutoModelForCausalLM.from_config(config).eval()
+    mxfp4 = mxfp4_experts(gpt)  # the experts become the MXFP4 grid's values: every contestant reads the same weights
     gpt.save_pretrained(folder / "gpt_oss")
     _tokenizer_into(folder / "gpt_oss")
+    _with_mxfp4(folder / "gpt_oss", folder / "gpt_oss-mxfp4", mxfp4)
+
+
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""The e2m1 values of MXFP4 (a sign bit above them), as gpt-oss checkpoints and transformers' dequantiser use."""
+
+
+def mxfp4_encode(matrix):
+    """``[E, N, K]`` float -> gpt-oss's MXFP4 ``blocks [E, N, K/32, 16]`` uint8 (element 2c in the low nibble) and
+    ``scales [E, N, K/32]`` uint8 (power of two + 127), round to nearest, and the values they decode to."""
+    import torch
+
+    experts, rows, depth = matrix.shape
+    blocks = matrix.float().reshape(experts, rows, depth // 32, 32)
+    largest = blocks.abs().amax(dim=-1)
+    exponent = torch.where(largest > 0, torch.ceil(torch.log2(largest / 6.0)), torch.full_like(largest, -127.0))
+    exponent = exponent.clamp(-127, 127)
+    scaled = blocks / torch.pow(2.0, exponent)[..., None]
+    magnitudes = torch.tensor(FP4_MAGNITUDES)
+    index = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)
+    codes = (index | ((scaled < 0).long() << 3)).to(torch.uint8)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    values = torch.where(scaled < 0, -magnitudes[index], magnitudes[index]) * torch.pow(2.0, exponent)[..., None]
+    return packed, (exponent + 127).to(torch.uint8), values.reshape(experts, rows, depth)
+
+
+def mxfp4_experts(model) -> dict:
+    """Round every expert matrix of a gpt-oss model to MXFP4 in place (its float weights become the values the MXFP4
+    tensors decode to) and return those tensors under the original checkpoint's names (``*_blocks``, ``*_scales``:
+    what the onnxruntime-genai builder's int4 path reads)."""
+    import torch
+
+    tensors = {}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                continue
+            blocks, scales, values = mxfp4_encode(parameter.transpose(1, 2))  # checkpoints store [E, out, in]
+            parameter.copy_(values.transpose(1, 2))
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+    return tensors
+
+
+def _with_mxfp4(source: Path, target: Path, mxfp4: dict) -> None:
+    """A copy of the checkpoint folder with the MXFP4 tensors added in their own shard (transformers ignores them
+    when it loads the float weights; the builder finds them through the index)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    index_path = target / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:  # one file: give it an index, so that two shards can be found
+        from safetensors import safe_open
+
+        with safe_open(target / "model.safetensors", "pt") as handle:
+            index = {"metadata": {}, "weight_map": {key: "model.safetensors" for key in handle.keys()}}
+    save_file(mxfp4, target / "mxfp4.safetensors")
+    index["weight_map"].update({name: "mxfp4.safetensors" for name in mxfp4})
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def _our_exports(folder: Path, family: str) -> None:
@@ -91,31 +158,33 @@ def _our_exports(folder: Path, family: str) -> None:
 
     calib = CalibrationOptions(**CALIB)
     model = folder / family
-    variants = [(ratio, quant, "auto") for ratio in (0.0, RATIO) for quant in ("none", "int4")]
-    variants.append((RATIO, "int4", "plain"))
-    for ratio, quant, attention in variants:
-        out = folder / _our_name(family, ratio, "fp32" if quant == "none" else quant, attention)
+    variants = [(ratio, quant, "auto", 32) for ratio in (0.0, RATIO) for quant in ("none", "int4")]
+    variants += [(RATIO, "int4", "plain", 32), (RATIO, "int4", "auto", BIG_BLOCK)]
+    for ratio, quant, attention, block in variants:
+        out = folder / _our_name(family, ratio, "fp32" if quant == "none" else quant, attention, block)
         first = folder / _our_name(family, ratio, "fp32", "auto")
         plan = first / "plan" if out != first else None
         export_model(model, None if plan else ratio, out, plan_dir=plan, calib=calib, quant=quant,
-                     attention=attention, validate=False, overwrite=True, progress=False, streaming="off")
+                     quant_block_size=block, attention=attention, validate=False, overwrite=True, progress=False,
+                     streaming="off")
         print(f"exported {out}", file=sys.stderr)
 
 
-def _our_name(family: str, ratio: float, precision: str, attention: str) -> str:
-    return f"{family}-ours-{ratio}-{precision}" + ("-plain" if attention == "plain" else "")
+def _our_name(family: str, ratio: float, precision: str, attention: str, block: int = 32) -> str:
+    return (f"{family}-ours-{ratio}-{precision}" + ("-plain" if attention == "plain" else "")
+            + (f"-b{block}" if block != 32 else ""))
 
 
 def _genai_builds(folder: Path) -> None:
-    """The builder's fp32 and int4 models; a build that fails leaves ``NAME.failed`` with the builder's last error
-    line, reported beside the table (its gpt-oss int4 path converts the original MXFP4 tensors, which a checkpoint
-    with float experts does not have)."""
+    """The builder's fp32 and int4 models from the checkpoint with MXFP4 tensors (its gpt-oss int4 path converts
+    those, as it would a real gpt-oss checkpoint's); a build that fails leaves ``NAME.failed`` with the builder's last
+    error line, reported beside the table."""
     import subprocess
 
     for precision in ("fp32", "int4"):
         out = folder / f"gpt_oss-genai-{precision}"
-        run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder / "gpt_oss"),
-                              "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "genai-cache")],
+        run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder",
+                              "-i", str(folder / "gpt_oss-mxfp4"), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "genai-cache")],
                              capture_output=True, text=True)
         failed = out.with_name(out.name + ".failed")
         if run.returncode:
@@ -238,6 +307,7 @@ def _contestants(folder: Path, family: str) -> dict[str, Path]:
     fused = json.loads((folder / _our_name(family, RATIO, "int4", "auto") / "report.json").read_text())["attention"]
     if fused == "gqa":  # the control: the same export with plain attention
         names[f"ours MoNE {RATIO} int4, plain attention"] = folder / _our_name(family, RATIO, "int4", "plain")
+    names[f"ours MoNE {RATIO} int4, block {BIG_BLOCK}"] = folder / _our_name(family, RATIO, "int4", "auto", BIG_BLOCK)
     return names
 
 
