@@ -313,8 +313,8 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
             with run.stage("export"):
                 # Exits first (LIFO): the folder replaces the previous output, then the scratch folder goes.
                 tmp = writing.enter_context(
-                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form, quantization, attention), folder, plan=plan,
-                                  overwrite=overwrite, dtype=dtype))
+                    output_folder(loaded, tokenizer, _exporter(loaded, dtype, form, quantization, attention), folder,
+                                  plan=plan, overwrite=overwrite, dtype=dtype, share_kv_buffer=attention == "gqa"))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
             bound = lower_bound_bytes(loaded, dtype)
             report["weights"] = {

@@ -88,11 +88,14 @@ def _token_ids(model, tokenizer) -> dict:
     return ids
 
 
-def genai_config(model, tokenizer=None, *, filename: str = MODEL_FILE, context_length: int | None = None) -> dict:
+def genai_config(model, tokenizer=None, *, filename: str = MODEL_FILE, context_length: int | None = None,
+                 share_kv_buffer: bool = False) -> dict:
     """The ``genai_config.json`` that lets onnxruntime-genai run an export of ``model`` (greedy search by default).
 
-    ``past_present_share_buffer`` is off: the graph returns ``present`` = ``past`` + new positions (it does not
-    write into a preallocated buffer). KV shapes are those of :func:`mone_export.export.cache_shapes` (DeepSeek-V2's
+    ``past_present_share_buffer`` is ``share_kv_buffer``: on for the fused attention, whose ``present`` outputs are
+    GroupQueryAttention's own (genai then hands each layer one buffer of the search's ``max_length`` as past and
+    present, and the kernel writes the new positions into it in place); off for the plain form, which returns
+    ``present`` = ``past`` + new positions as new tensors. KV shapes are those of :func:`mone_export.export.cache_shapes` (DeepSeek-V2's
     MLA cache is packed into equal key/value halves, so one ``head_size`` fits). Token ids the model does not
     define are left out.
     """
@@ -132,7 +135,7 @@ def genai_config(model, tokenizer=None, *, filename: str = MODEL_FILE, context_l
         "no_repeat_ngram_size": 0,
         "num_beams": int(getattr(gen, "num_beams", 1) or 1),
         "num_return_sequences": 1,
-        "past_present_share_buffer": False,
+        "past_present_share_buffer": bool(share_kv_buffer),
         "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
         "temperature": float(getattr(gen, "temperature", 1.0) or 1.0),
         "top_k": int(getattr(gen, "top_k", 1) or 1) if getattr(gen, "do_sample", False) else 1,
@@ -257,7 +260,7 @@ def output_marker(dtype: str) -> dict:
 
 @contextlib.contextmanager
 def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan=None, overwrite: bool = False,
-                  dtype: str = "fp32") -> Iterator[Path]:
+                  dtype: str = "fp32", share_kv_buffer: bool = False) -> Iterator[Path]:
     """Write the output folder's files into a temporary folder and yield it; on normal exit it replaces ``out_dir``.
 
     The caller adds its own files (``report.json``, ...) to the yielded folder inside the ``with`` block; an
@@ -272,6 +275,8 @@ def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan
         out_dir: the folder to (re)place.
         plan: the :class:`~mone_export.plan.PruningPlan` that was applied, saved under ``plan/``.
         overwrite: replace a non-empty ``out_dir``.
+        share_kv_buffer: the graph's ``present`` outputs come from GroupQueryAttention (``--attention gqa``), so
+            onnxruntime-genai may share past and present buffers (:func:`genai_config`).
     """
     with atomic_output_dir(out_dir, overwrite) as tmp:
         _place_onnx(onnx_model, tmp, model, dtype)
@@ -281,7 +286,7 @@ def output_folder(model, tokenizer, onnx_model, out_dir: str | os.PathLike, plan
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         make_readable_by_transformers_4(tmp)
-        _write_json(tmp / GENAI_CONFIG, genai_config(model, tokenizer))
+        _write_json(tmp / GENAI_CONFIG, genai_config(model, tokenizer, share_kv_buffer=share_kv_buffer))
         _write_json(tmp / OUTPUT_MARKER, output_marker(dtype))
         if plan is not None:
             plan.save(tmp / PLAN_SUBDIR)

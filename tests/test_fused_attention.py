@@ -9,6 +9,7 @@ kernel cannot serve (DeepSeek-V2's latent cache) are refused with the reason, an
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -135,6 +136,8 @@ def test_pipeline_and_genai(tmp_path):
     report = export_model("qwen2_moe", 0.5, out, calib=CALIB, attention="gqa", progress=False,
                           validation_options={"latency": False, "memory": False})
     assert report["passed"] and report["attention"] == "gqa"
+    # genai hands the kernel one buffer as past and present (written in place): the tokens below go through it
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     og = pytest.importorskip("onnxruntime_genai")
     from mone_export.reference import greedy_torch
 
