@@ -45,6 +45,7 @@ from mone_export.onnx_utils import (
     finalize_model,
     dispatch_weight_values,
     initializer_bytes,
+    lift_external_constants,
     name_fused_expert_weights,
     name_initializers,
     name_values,
@@ -570,6 +571,9 @@ def process_traced_graph(ir_model, source: nn.Module, routing_names: list[str], 
     # The exporter shares equal initializers through Identity nodes (e.g. the zero vectors of mone-zero
     # novices), which hides that an operand is a constant: read the initializers directly.
     ir.passes.common.IdentityEliminationPass()(ir_model)
+    lifted = lift_external_constants(ir_model)
+    if lifted:
+        log("%d constants the trace stored in files are initializers now", lifted)
     name_initializers(ir_model, _named_layouts(source), prefix="model.")
     name_values(dispatch_weight_values(ir_model), routing_names)
     name_fused_expert_weights(ir_model)

@@ -29,6 +29,7 @@ __all__ = [
     "name_values",
     "store_float32_as",
     "finalize_model",
+    "lift_external_constants",
     "save_model",
 ]
 
@@ -378,6 +379,32 @@ def finalize_model(model: ir.Model, opset: int | None = None, producer_version: 
     model.producer_name = "mone-export"
     model.producer_version = producer_version
     return model
+
+
+def lift_external_constants(model: ir.Model) -> int:
+    """``Constant`` nodes of the main graph whose tensor lives in an external file become initializers; returns
+    how many.
+
+    Tracing a model over 2 GiB writes every large tensor beside the trace, those of ``Constant`` nodes too (the
+    fused attention's rotary caches). An initializer is rewritten into the output's ``.data`` file by
+    :func:`save_model`; a ``Constant`` attribute would keep pointing at the trace's scratch folder, which is
+    removed after the export.
+    """
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or node.outputs[0].is_graph_output():
+            continue
+        attribute = node.attributes.get("value")
+        if attribute is None or not isinstance(attribute.value, ir.ExternalTensor):
+            continue
+        tensor, output = attribute.value, node.outputs[0]
+        initializer = ir.Value(name=output.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                               const_value=tensor)
+        output.replace_all_uses_with(initializer)
+        model.graph.remove(node, safe=True)
+        model.graph.register_initializer(initializer)
+        count += 1
+    return count
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:

@@ -409,6 +409,40 @@ def test_weights_read_from_a_removed_folder_are_written_in(exports, tmp_path):
     assert max(prefill_and_decode(session, export.model, steps=1)) <= FP32_ATOL
 
 
+@pytest.mark.parametrize("external", [True, False])
+def test_constants_read_from_a_removed_folder_are_written_in(tmp_path, external):
+    """Over 2 GiB the exporter writes Constant-node tensors beside the trace too (the fused attention's rotary caches):
+    they become initializers, which the saved model holds (in its .data file or inline), not references into the
+    scratch folder that is then removed."""
+    import shutil
+
+    from onnx import TensorProto, helper
+
+    from mone_export.onnx_utils import lift_external_constants, save_model
+
+    table = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    node = helper.make_node("Constant", [], ["table"], value=numpy_helper.from_array(table, "table"))
+    graph = helper.make_graph([node, helper.make_node("Add", ["x", "table"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 32])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    onnx.save_model(proto, scratch / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0, convert_attribute=True)  # what the TorchScript exporter does over 2 GiB
+    model = ir.load(scratch / "model.onnx")
+    assert lift_external_constants(model) == 1 and "table" in model.graph.initializers
+    assert not any(n.op_type == "Constant" for n in model.graph)
+    (tmp_path / "out").mkdir()
+    path = save_model(model, tmp_path / "out" / "model.onnx", external_data=external)
+    shutil.rmtree(scratch)
+
+    x = np.ones((64, 32), np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(got, x + table)
+
+
 def test_tied_embeddings_are_stored_once(tmp_path):
     model = tiny_model("qwen3_moe", tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
