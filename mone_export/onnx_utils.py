@@ -21,6 +21,7 @@ __all__ = [
     "DATA_SUFFIX",
     "initializer_bytes",
     "weight_bytes",
+    "rotary_table_bytes",
     "share_transposed_initializers",
     "name_initializers",
     "dispatch_weight_values",
@@ -72,6 +73,20 @@ def weight_bytes(onnx_path: str | os.PathLike) -> int:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             tensors += [a.t for a in node.attribute if a.name == "value"]
     return sum(_tensor_proto_bytes(t) for t in tensors if _is_weight(t))
+
+
+def rotary_table_bytes(onnx_path: str | os.PathLike) -> int:
+    """Σ bytes of the cos/sin tables that ``GroupQueryAttention`` nodes read (inputs 7 and 8: the rotary inside the
+    kernel, ``--attention gqa``), each table counted once. They are derived from the model's rotary buffers, not
+    parameters, so the weight bound adds them (docs/graph.md#weight-bytes)."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    names = {name for node in proto.graph.node if node.op_type == "GroupQueryAttention"
+             for name in list(node.input)[7:9] if name}
+    tensors = [t for t in proto.graph.initializer if t.name in names]
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] in names:
+            tensors += [a.t for a in node.attribute if a.name == "value"]
+    return sum(_tensor_proto_bytes(t) for t in tensors)
 
 
 def _is_weight(tensor: onnx.TensorProto) -> bool:

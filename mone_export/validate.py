@@ -220,11 +220,14 @@ def check_memory(decoder: OrtDecoder, model, baseline: Path | None, provider: st
     """Weight bytes of the export against the lower bound (a failure above :data:`WEIGHT_BOUND`), and the session
     peak memory of the export and of the unpruned ``baseline`` (measurements, in child processes)."""
     from mone_export.export import lower_bound_bytes, weight_bytes
+    from mone_export.onnx_utils import rotary_table_bytes
 
     weights = weight_bytes(decoder.path)
-    bound = lower_bound_bytes(model, TORCH_DTYPES[decoder.dtype_name])
-    report = {"weight_bytes": weights, "lower_bound_bytes": bound, "weight_ratio_to_bound": weights / bound,
-              "session": session_memory(decoder.path, provider, tokens)}
+    # the fused attention's rotary tables: what the kernel reads instead of computing the angles from inv_freq
+    tables = rotary_table_bytes(decoder.path)
+    bound = lower_bound_bytes(model, TORCH_DTYPES[decoder.dtype_name]) + tables
+    report = {"weight_bytes": weights, "lower_bound_bytes": bound, "rotary_table_bytes": tables,
+              "weight_ratio_to_bound": weights / bound, "session": session_memory(decoder.path, provider, tokens)}
     if baseline is not None:
         report["unpruned_weight_bytes"] = weight_bytes(baseline)
         report["unpruned_session"] = session_memory(baseline, provider, tokens)

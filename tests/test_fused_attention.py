@@ -18,7 +18,8 @@ import torch
 
 from mone_export import load_model
 from mone_export.errors import UsageError
-from mone_export.export import export_onnx
+from mone_export.export import export_onnx, lower_bound_bytes, weight_bytes
+from mone_export.onnx_utils import rotary_table_bytes
 from mone_export.export_pipeline import export_model
 from mone_export.fused_attention import gqa_unsupported_reason, rotary_cache
 from mone_export.novices import apply_plan
@@ -54,6 +55,11 @@ def test_fused_export_matches_pytorch(name, tmp_path):
     assert ops["Sin"] == ops["Cos"] == 0
     # the residual adds and the norms after them are fused: 2 per layer (the first layer's input norm has no add)
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    # the kernel's cos/sin tables are the only bytes beyond the parameters kept (docs/graph.md#weight-bytes)
+    tables = rotary_table_bytes(path)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    assert tables == 2 * model.config.max_position_embeddings * head_dim // 2 * 4
+    assert weight_bytes(path) <= 1.005 * (lower_bound_bytes(model) + tables)
     # no attention softmax or mask left: the only Softmax nodes are the routers'
     assert ops["Softmax"] <= layers and ops["Where"] == 0
     prompts = torch.randint(0, model.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(1))
