@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import types
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -36,6 +37,10 @@ __all__ = [
     "supported_model_types",
     "experts_classes",
     "expert_forward",
+    "weighted_expert_output",
+    "expert_outputs",
+    "InputScaledExperts",
+    "llama4_standard_form",
     "is_experts_class",
     "is_experts_module",
     "intermediate_size",
@@ -64,7 +69,10 @@ class MoeLayer:
     def top_k(self) -> int:
         """Experts each token selects."""
         top_k = getattr(self.router, "top_k", None)
-        return int(top_k if top_k is not None else self.experts.config.num_experts_per_tok)
+        if top_k is None:
+            config = getattr(self.experts, "config", None) or self.router.config
+            top_k = next(getattr(config, key) for key in TOP_K_KEYS if getattr(config, key, None))
+        return int(top_k)
 
     @property
     def hidden_size(self) -> int:
@@ -80,12 +88,16 @@ class MoeAdapter:
     Attributes:
         model_type: HF ``config.model_type``.
         num_experts_key: the config field that holds the routed-expert count (what a removal checkpoint rewrites).
-        block_attr: attribute of a decoder layer that holds the MLP / MoE block.
+        block_attr: attribute of a decoder layer that holds the MLP / MoE block; empty where the decoder layer
+            holds the router and experts itself (gemma4).
         router_attr: attribute of the MoE block that holds the router.
         experts_attr: attribute of the MoE block that holds the fused routed experts.
         shared_expert_attr: attribute of the MoE block holding the always-on shared expert(s), if any.
         shared_gate_attr: attribute of a ``Linear(H, 1)`` whose sigmoid scales the shared expert, if any.
         group_limited: whether routing may restrict top-k to expert groups (``n_group``/``topk_group``).
+        standard_form: for a family whose MoE block does not call its experts through the standard interface, a
+            function that puts a block into that form in place (same parameters, same outputs); the adapter applies
+            it when it finds the block, so everything else sees the standard interface.
     """
 
     model_type: str
@@ -96,6 +108,7 @@ class MoeAdapter:
     shared_expert_attr: str | None = None
     shared_gate_attr: str | None = None
     group_limited: bool = False
+    standard_form: Callable[[nn.Module], None] | None = None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """``model.model.layers`` of a causal LM (or ``model.layers`` of a bare decoder)."""
@@ -108,6 +121,11 @@ class MoeAdapter:
             )
         return layers
 
+    def block_path(self, index: int) -> str:
+        """The module path of layer ``index``'s MoE block in a causal LM (``model.layers.{i}.{block_attr}``), the
+        prefix of the export's names for that block."""
+        return f"model.layers.{index}" + (f".{self.block_attr}" if self.block_attr else "")
+
     def is_moe_block(self, block: nn.Module) -> bool:
         """Whether a decoder layer's MLP is a routed MoE block (dense layers are not)."""
         experts = getattr(block, self.experts_attr, None)
@@ -117,7 +135,9 @@ class MoeAdapter:
         """The MoE blocks of ``model`` in layer order (dense layers skipped)."""
         found = []
         for index, layer in enumerate(self.decoder_layers(model)):
-            block = getattr(layer, self.block_attr, None)
+            block = getattr(layer, self.block_attr, None) if self.block_attr else layer
+            if block is not None and self.standard_form is not None and hasattr(block, self.router_attr):
+                self.standard_form(block)
             if block is not None and self.is_moe_block(block):
                 found.append(
                     MoeLayer(index, block, getattr(block, self.router_attr), getattr(block, self.experts_attr))
@@ -125,9 +145,19 @@ class MoeAdapter:
         return found
 
     def route(self, layer: MoeLayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top_k_index [T, k], top_k_weights [T, k]) exactly as the model's router applies them."""
-        _, weights, index = layer.router(hidden.reshape(-1, layer.hidden_size))
-        return index, weights
+        """(top_k_index [T, k], top_k_weights [T, k]) exactly as the block passes them to its experts, for the
+        tokens ``hidden [T, H]`` entering the block (the block runs with its experts replaced by a recorder)."""
+        seen = {}
+
+        def record(_layer):
+            def forward(states, top_k_index, top_k_weights):
+                seen.update(index=top_k_index, weights=top_k_weights)
+                return torch.zeros_like(states)
+            return forward
+
+        with experts_forwards_swapped([layer], record):
+            layer.block(hidden.reshape(1, -1, layer.hidden_size))
+        return seen["index"], seen["weights"]
 
     def shared_output(self, layer: MoeLayer, hidden: torch.Tensor) -> torch.Tensor | None:
         """The shared-expert part of the block output for ``hidden [T, H]``, or None without shared experts."""
@@ -143,7 +173,8 @@ class MoeAdapter:
         setattr(config, self.num_experts_key, int(num_experts))
 
 
-def expert_forward(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+def expert_forward(experts: nn.Module, slot: int, hidden: torch.Tensor, weight: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """f_e: the raw output of the expert stored at ``slot`` on ``hidden [n, H]``, before its routing weight.
 
     The one place the package computes an expert's output (statistics, novices, the exported graph). It follows
@@ -156,8 +187,42 @@ def expert_forward(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch
       gpt-oss's clamped SwiGLU on interleaved rows, is called as is); ungated experts use ``up_proj`` and ``act_fn``;
     - ``is_transposed`` weights are ``[E, in, out]`` (``x @ W``), otherwise ``[E, out, in]`` (``F.linear``);
     - ``has_bias`` adds ``{gate_up,up,down}_proj_bias[slot]``; ``has_post_expert_norm`` applies
-      ``post_expert_norm`` to the output.
+      ``post_expert_norm`` to the output;
+    - experts that take the routing weight on their input (``scales_input``: Llama 4 adds ``expert_e(g·x)``) have
+      f_e(x) = expert_e(g·x) / g, so that g·f_e is what the model adds and the statistics keep their meaning (the
+      novice, E[f_e] weighted by g², reproduces g·f_e best in the mean); ``weight [n, 1]``, the tokens' g, is
+      needed.
     """
+    if getattr(experts, "scales_input", False):
+        if weight is None:
+            raise ValueError(f"{type(experts).__name__} scales its input by the routing weight: pass weight.")
+        return expert_outputs(experts, slot, hidden, weight)[0]
+    return _expert_mlp(experts, slot, hidden)
+
+
+def weighted_expert_output(experts: nn.Module, slot: int, hidden: torch.Tensor, weight: torch.Tensor
+                           ) -> torch.Tensor:
+    """g·f_e(x): what the model adds for the tokens ``hidden [n, H]`` routed to the expert at ``slot`` with routing
+    weights ``weight [n, 1]`` (computed as the model does: ``f_e · g``, or ``expert_e(g·x)`` for experts that scale
+    their input)."""
+    if getattr(experts, "scales_input", False):
+        return _expert_mlp(experts, slot, hidden * weight.to(hidden.dtype))
+    return expert_forward(experts, slot, hidden) * weight
+
+
+def expert_outputs(experts: nn.Module, slot: int, hidden: torch.Tensor, weight: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f_e(x), g·f_e(x))`` for the tokens ``hidden [n, H]`` with routing weights ``weight [n, 1]``, the expert run
+    once: :func:`expert_forward` and :func:`weighted_expert_output` together (the statistics need both)."""
+    if getattr(experts, "scales_input", False):
+        g = weight.to(hidden.dtype)
+        weighted = _expert_mlp(experts, slot, hidden * g)
+        return weighted / g.clamp_min(torch.finfo(g.dtype).tiny), weighted
+    f_e = _expert_mlp(experts, slot, hidden)
+    return f_e, f_e * weight
+
+
+def _expert_mlp(experts: nn.Module, slot: int, hidden: torch.Tensor) -> torch.Tensor:
     gated = getattr(experts, "has_gate", True)
     projected = _expert_linear(experts, "gate_up_proj" if gated else "up_proj", slot, hidden)
     activated = _expert_gate(experts, projected) if gated else experts.act_fn(projected)
@@ -226,6 +291,54 @@ def experts_forwards_swapped(layers: Iterable[MoeLayer], make_forward: Callable[
                 experts.forward = previous
 
 
+class InputScaledExperts(nn.Module):
+    """Experts that take their routing weight on the input, adding ``expert_e(g·x)`` (Llama 4), behind the standard
+    call ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+
+    It holds the source module's parameters (no copy) under the same names, in Llama 4's layout: gated, gate and up
+    concatenated, transposed ``[E, in, out]``, no biases. Its layout flags are instance attributes, as
+    ``use_experts_implementation`` sets them, so a pruned copy keeps them (f_e: :func:`expert_forward`). The
+    forward is eager (transformers' fused kernels would apply the weight to the output).
+    """
+
+    implements_experts_interface = True
+
+    def __init__(self, source: nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = source.gate_up_proj, source.down_proj, source.act_fn
+        self.num_experts = int(source.gate_up_proj.shape[0])
+        self.has_gate, self.is_concatenated, self.is_transposed = True, True, True
+        self.has_bias, self.has_post_expert_norm, self.scales_input = False, False, True
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """Σ over each token's selected experts of ``expert_e(g·x)``."""
+        out = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            token, slot = torch.where(top_k_index == expert)
+            update = weighted_expert_output(self, expert, hidden_states[token], top_k_weights[token, slot, None])
+            out.index_add_(0, token, update.to(out.dtype))
+        return out
+
+
+def llama4_standard_form(block: nn.Module) -> None:
+    """Llama 4's MoE block (``Llama4TextMoe``) in the standard form, in place: the router's top-k over its logits
+    with sigmoid weights, as ``Llama4Router`` computes them, become ``top_k_index`` / ``top_k_weights``, and the
+    experts (which the model runs densely on ``g·x`` for every expert, 0 where unselected: an expert of 0 is 0)
+    become :class:`InputScaledExperts`. The block returns ``(shared + routed, router_logits)`` as before."""
+    if not is_experts_module(block.experts):
+        block.experts = InputScaledExperts(block.experts)
+        block.forward = types.MethodType(_llama4_moe_forward, block)
+
+
+def _llama4_moe_forward(self, hidden_states):
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    _, router_logits = self.router(flat)
+    top_values, top_k_index = torch.topk(router_logits, self.router.top_k, dim=1)
+    top_k_weights = torch.sigmoid(top_values.float()).to(router_logits.dtype)
+    out = self.shared_expert(flat) + self.experts(flat, top_k_index, top_k_weights)
+    return out, router_logits
+
+
 ADAPTERS: dict[str, MoeAdapter] = {}
 
 
@@ -244,6 +357,10 @@ def supported_model_types() -> list[str]:
 NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 """Config fields that hold the routed-expert count, in the order they are looked up (the first one present wins)."""
 
+TOP_K_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_topk", "num_experts_per_token")
+"""Config fields that hold the number of experts a token selects, looked up in this order where the router does not
+say (``router.top_k``)."""
+
 ROUTER_ATTRS = ("gate", "router")
 """Attributes of an MoE block that hold its router in transformers 5 (every modeling file uses one of these)."""
 
@@ -258,7 +375,8 @@ def is_experts_class(cls) -> bool:
 def is_experts_module(module: nn.Module) -> bool:
     """Whether ``module`` computes a layer's routed experts through the standard interface (or is one pruned by
     this package, which keeps that call signature)."""
-    return is_experts_class(type(module)) or getattr(module, "is_pruned", False)
+    return (is_experts_class(type(module)) or getattr(module, "is_pruned", False)
+            or getattr(module, "implements_experts_interface", False))
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,7 +410,7 @@ def _generic_adapter(config, model: nn.Module | None) -> MoeAdapter | None:
     if model is None:
         return adapter
     for layer in adapter.decoder_layers(model):
-        for block_attr, block in layer.named_children():
+        for block_attr, block in [("", layer), *layer.named_children()]:
             experts_attr = next((name for name, child in block.named_children() if is_experts_module(child)), None)
             router_attr = next((name for name in ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)),
                                None)
@@ -346,3 +464,6 @@ register_adapter(
 register_adapter(
     MoeAdapter("deepseek_v2", num_experts_key="n_routed_experts", shared_expert_attr="shared_experts", group_limited=True)
 )
+register_adapter(MoeAdapter("llama4_text", num_experts_key="num_local_experts", block_attr="feed_forward",
+                            router_attr="router", shared_expert_attr="shared_expert",
+                            standard_form=llama4_standard_form))

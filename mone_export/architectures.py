@@ -9,21 +9,23 @@ architecture table is :func:`architecture_table`.
 
 from __future__ import annotations
 
-from mone_export.adapters import experts_classes
+from mone_export.adapters import ADAPTERS, experts_classes
 from mone_export.errors import UnsupportedModelError
 
 __all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEPT", "architecture_table",
            "check_exportable", "check_prunable", "experts_interface_types"]
 
 COVERED = sorted([
-    "aria_text", "axk1", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
-    "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1",
-    "laguna", "mellum", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
+    "aria_text", "axk1", "beam", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo",
+    "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared",
+    "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "llama4_text", "mellum", "minimax_m2", "minimax_m3_vl_text", "mixtral",
+    "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
 ])
 """Types that prune, export and match PyTorch in ONNX Runtime."""
 
 ROUTER_KEPT = {"hunyuan_v1_moe": "its router (HunYuanMoEV1Gate) keeps its weight in an inner Linear",
-               "ernie4_5_moe": "its router keeps a per-expert bias in a submodule (moe_statics)"}
+               "ernie4_5_moe": "its router keeps a per-expert bias in a submodule (moe_statics)",
+               "gemma4_text": "its router (Gemma4TextRouter) keeps its weight in an inner Linear (proj)"}
 """Covered types whose router removal cannot cut: MoNE only, removal refused with a clear error."""
 
 _HYBRID = ("hybrid: some layers keep a linear-attention / SSM state, which the export's cache contract (past/present "
@@ -34,9 +36,11 @@ _SHAPES = "its attention does not export from the tiny config yet (shape mismatc
 
 PRUNE_ONLY = {
     "afmoe": "exports, but ONNX Runtime's logits differ from PyTorch (1e-1): not investigated yet",
-    "axk2": _INDEXER, "deepseek_v32": _INDEXER, "glm_moe_dsa": _INDEXER, "hy_v4": _INDEXER,
+    "axk2": _INDEXER, "deepseek_v32": _INDEXER, "dots3_note_text": _INDEXER, "glm_moe_dsa": _INDEXER, "hy_v4": _INDEXER,
     "inkling_text": _HYBRID, "inkling2_text": _HYBRID, "inkling2_loop_text": _HYBRID, "lara_mini": _HYBRID,
-    "minimax": _HYBRID, "nemotron_h": _HYBRID,
+    "minimax": _HYBRID, "nemotron_h": _HYBRID, "bailing_hybrid": _HYBRID, "granitemoehybrid": _HYBRID,
+    "jamba": _HYBRID, "kimi_linear": _HYBRID, "lfm2_moe": _HYBRID, "qwen3_5_moe_text": _HYBRID, "qwen3_next": _HYBRID,
+    "qwen4_exp_text": _HYBRID, "zaya": _HYBRID,
     "deepseek_v4": _SHAPES, "mimo_v2_flash": _SHAPES,
     "cohere2_moe": ("exports and matches PyTorch on short prompts, but the main command's validation on longer "
                     "prompts measures 1.2e-4 to 1.6e-3 logit errors with a MoNE plan, over its 1e-4 gate: not "
@@ -45,27 +49,16 @@ PRUNE_ONLY = {
 """Types that calibrate and prune in PyTorch (the one expert formula reproduces them, a MoNE plan applies) but do not
 export yet, and why."""
 
-_HYBRID_CALIBRATION = "hybrid: its linear-attention / SSM layers fail in the calibration forward's cache handling"
 _WRAPPER = "multimodal wrapper: its text model type is listed on its own"
-_PER_LAYER = "per-layer attention settings the tiny-config builder cannot shrink yet (AmbiguousGlobalPerLayerAttribute)"
 
 EXCLUDED = {
-    "bailing_hybrid": _HYBRID_CALIBRATION, "jamba": _HYBRID_CALIBRATION, "kimi_linear": _HYBRID_CALIBRATION,
-    "qwen3_5_moe_text": _HYBRID_CALIBRATION, "qwen3_next": _HYBRID_CALIBRATION,
-    "qwen4_exp_text": _HYBRID_CALIBRATION,
-    "granitemoehybrid": "hybrid; the tiny config's Mamba sizes are not set yet (mamba_n_heads must divide ...)",
-    "lfm2_moe": "hybrid; its tiny config's layer pattern is not set yet",
     "dots3_note": _WRAPPER, "gemma4": _WRAPPER, "qwen3_5_moe": _WRAPPER, "qwen4_exp": _WRAPPER,
-    "dots3_note_text": _PER_LAYER, "gemma4_text": _PER_LAYER,
-    "beam": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",
-    "flint": "the tiny config builds no routed MoE layer (its MoE layer pattern is not set yet)",
-    "zaya": "its config validation rejects the tiny sizes",
 }
 """Types with the experts interface that are not covered yet, and why."""
 
 OUTSIDE_INTERFACE = {
     "dbrx": "experts not decorated with use_experts_implementation (own fused layout)",
-    "llama4": "experts not decorated with use_experts_implementation; text model inside a multimodal wrapper",
+    "llama4": "multimodal wrapper (Llama4ForConditionalGeneration): its text model type, llama4_text, is covered",
     "longcat_flash": "identity 'zero' experts beside the routed ones, outside the interface",
     "step3p7": "fused layout but not decorated, so the generic adapter does not see it",
     "jetmoe": "per-expert attention and MLP experts of its own form",
@@ -77,10 +70,15 @@ modeling code): the generic adapter does not cover them."""
 
 
 def experts_interface_types() -> list[str]:
-    """Causal-LM model types whose modeling code has an experts class of the standard interface."""
+    """Causal-LM model types whose modeling code has an experts class of the standard interface, or whose adapter
+    puts their MoE blocks into that form (:attr:`~mone_export.adapters.MoeAdapter.standard_form`: Llama 4)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if experts_classes(t))
+    def standard_form(model_type: str) -> bool:
+        adapter = ADAPTERS.get(model_type)
+        return adapter is not None and adapter.standard_form is not None
+
+    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if experts_classes(t) or standard_form(t))
 
 
 def check_prunable(config) -> None:

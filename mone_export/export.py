@@ -24,6 +24,7 @@ import contextlib
 import copy
 import io
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -31,14 +32,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from mone_export.adapters import moe_layers_or_error
-from mone_export.errors import UsageError
+from mone_export.errors import UnsupportedModelError, UsageError
 from mone_export.loading import parse_dtype
 from mone_export.moe_export_forward import export_friendly_moe
 from mone_export.onnx_utils import (
@@ -141,11 +142,11 @@ def unpack_mla(key: torch.Tensor, value: torch.Tensor, rank: int, rope: int) -> 
 def routing_weights_names(model: nn.Module) -> list[str]:
     """Names of the MoE layers' dense routing weights W ``[T, E]`` in the export, in layer order.
 
-    ``model.layers.{i}.{block}.routing_weights`` (``block`` = the adapter's MoE block attribute, e.g. ``mlp``): the
-    keys of the ``novices`` plan ``graph_passes.prune_novices`` accepts.
+    ``model.layers.{i}.{block}.routing_weights`` (``block`` = the adapter's MoE block attribute, e.g. ``mlp``, absent
+    where the decoder layer is the block): the keys of the ``novices`` plan ``graph_passes.prune_novices`` accepts.
     """
     adapter, layers = moe_layers_or_error(model)
-    return [f"model.layers.{layer.index}.{adapter.block_attr}.routing_weights" for layer in layers]
+    return [f"{adapter.block_path(layer.index)}.routing_weights" for layer in layers]
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -218,9 +219,10 @@ def _real_rotary_forward(self, x, position_ids):
     return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
 
 
-def _real_apply_rotary_emb(xq, xk, freqs_cis):
-    """``apply_rotary_emb`` of DeepSeek-V2 with the complex product written out on (re, im) pairs."""
-    freqs = freqs_cis.unsqueeze(1).to(xq.device)
+def _real_apply_rotary_emb(xq, xk, freqs_cis, heads_axis: int = 1):
+    """``apply_rotary_emb`` of complex ``freqs_cis`` with the complex product written out on (re, im) pairs; q and k
+    hold their heads at ``heads_axis`` (DeepSeek-V2: ``[B, H, S, D]``, 1; Llama 4: ``[B, S, H, D]``, 2)."""
+    freqs = freqs_cis.unsqueeze(heads_axis).to(xq.device)
     cos, sin = freqs[..., 0], freqs[..., 1]
 
     def rotate(x):
@@ -230,6 +232,29 @@ def _real_apply_rotary_emb(xq, xk, freqs_cis):
         return out.flatten(3).type_as(x)
 
     return rotate(xq), rotate(xk)
+
+
+def _real_apply_rotary_emb_like(original: Callable) -> Callable:
+    """:func:`_real_apply_rotary_emb` with the heads axis at which the modelling file's own ``apply_rotary_emb``
+    (``original``) computes the same numbers, found by running both on random inputs (S ≠ H, so only one axis
+    broadcasts); a clear error when neither does."""
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, heads, dim = 1, 3, 2, 8
+    angles = torch.arange(seq, dtype=torch.float32)[None, :, None] * torch.rand(dim // 2, generator=gen)
+    complex_freqs = torch.polar(torch.ones_like(angles), angles)
+    real_freqs = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    for heads_axis in (1, 2):
+        shape = (batch, heads, seq, dim) if heads_axis == 1 else (batch, seq, heads, dim)
+        xq, xk = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        try:
+            expected = original(xq, xk, complex_freqs)
+        except RuntimeError:  # the heads are not where this function broadcasts the angles
+            continue
+        actual = _real_apply_rotary_emb(xq, xk, real_freqs, heads_axis)
+        if all(torch.allclose(a, e, atol=1e-5) for a, e in zip(actual, expected)):
+            return functools.partial(_real_apply_rotary_emb, heads_axis=heads_axis)
+    raise UnsupportedModelError(f"{original.__module__}.apply_rotary_emb applies complex rotary embeddings in a "
+                                "layout the export cannot write as real arithmetic.")
 
 
 def _complex_rotary_modules(model: nn.Module) -> list[nn.Module]:
@@ -251,7 +276,7 @@ def _complex_rotary_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _patched_complex_rotary(model: nn.Module) -> Iterator[None]:
-    """Trace complex rotary embeddings (DeepSeek-V2) as real arithmetic; ONNX has no complex tensors."""
+    """Trace complex rotary embeddings (DeepSeek-V2, Llama 4) as real arithmetic; ONNX has no complex tensors."""
     modules = _complex_rotary_modules(model)
     modelings = {sys.modules[type(m).__module__] for m in modules}
     saved = {mod: mod.apply_rotary_emb for mod in modelings}
@@ -259,7 +284,7 @@ def _patched_complex_rotary(model: nn.Module) -> Iterator[None]:
         for module in modules:
             module.forward = _real_rotary_forward.__get__(module)
         for mod in modelings:
-            mod.apply_rotary_emb = _real_apply_rotary_emb
+            mod.apply_rotary_emb = _real_apply_rotary_emb_like(saved[mod])
         yield
     finally:
         for module in modules:
@@ -357,18 +382,39 @@ def _repeat_interleave_symbolic(stock):
     return symbolic
 
 
+def _cumsum_symbolic(stock):
+    """``aten::cumsum`` of a bool tensor (the chunked-attention mask's left-padding count, Llama 4): ``CumSum`` of
+    its int64 cast, as PyTorch sums booleans into int64; ONNX's ``CumSum`` takes no bool. Other inputs take the
+    stock symbolic."""
+    from torch.onnx import symbolic_helper
+    from torch.onnx._internal.torchscript_exporter import _type_utils
+
+    def symbolic(g, input, dim, dtype=None):
+        undefined = _type_utils.JitScalarType.UNDEFINED
+        if _type_utils.JitScalarType.from_value(input, undefined) != _type_utils.JitScalarType.BOOL:
+            return stock(g, input, dim, dtype)
+        if dtype is not None and not symbolic_helper._is_none(dtype):
+            return stock(g, input, dim, dtype)  # an explicit dtype: the stock symbolic casts to it
+        widened = g.op("Cast", input, to_i=_type_utils.JitScalarType.INT64.onnx_type())
+        axis = g.op("Constant", value_t=torch.tensor(symbolic_helper._get_const(dim, "i", "dim"), dtype=torch.int64))
+        return g.op("CumSum", widened, axis)
+
+    return symbolic
+
+
 @contextlib.contextmanager
 def _softmax_in_requested_dtype(opset: int) -> Iterator[None]:
     """Within the block, the exporter emits ``softmax(x, dtype=d)`` as ``Softmax(Cast(x, d))`` (see
     :func:`_softmax_symbolic`), ``clamp`` and ``repeat_interleave`` where the stock symbolics need types or shapes
-    our export does not infer (:func:`_clamp_symbolic`, :func:`_repeat_interleave_symbolic`); the stock symbolics
-    come back on exit."""
+    our export does not infer (:func:`_clamp_symbolic`, :func:`_repeat_interleave_symbolic`), and ``cumsum`` of
+    booleans (:func:`_cumsum_symbolic`); the stock symbolics come back on exit."""
     from torch.onnx._internal.torchscript_exporter import symbolic_opset11, symbolic_opset13
 
     symbolics = {"softmax": _softmax_symbolic("Softmax", symbolic_opset13.softmax),
                  "log_softmax": _softmax_symbolic("LogSoftmax", symbolic_opset13.log_softmax),
                  "clamp": _clamp_symbolic(symbolic_opset11.clamp),
-                 "repeat_interleave": _repeat_interleave_symbolic(symbolic_opset13.repeat_interleave)}
+                 "repeat_interleave": _repeat_interleave_symbolic(symbolic_opset13.repeat_interleave),
+                 "cumsum": _cumsum_symbolic(symbolic_opset11.cumsum)}
     registered = []
     try:
         for name, function in symbolics.items():

@@ -59,7 +59,7 @@ NEAR_TIE_FACTOR = 2.0
 MAX_LISTED_FLIPS = 20
 """Routing flips listed one by one in the report (all are counted)."""
 
-_ROUTING_VALUE = re.compile(r"^model\.layers\.(\d+)\.[A-Za-z_]\w*\.routing_weights$")
+_ROUTING_VALUE = re.compile(r"^model\.layers\.(\d+)(?:\.[A-Za-z_]\w*)?\.routing_weights$")
 
 
 @dataclasses.dataclass(frozen=True)

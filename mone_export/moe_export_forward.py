@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mone_export.adapters import expert_forward, experts_forwards_swapped, get_adapter, uses_default_gate
+from mone_export.adapters import (expert_forward, experts_forwards_swapped, get_adapter, uses_default_gate,
+                                  weighted_expert_output)
 from mone_export.errors import UsageError
 
 __all__ = [
@@ -76,7 +77,7 @@ MOE_FORMS = ("dispatch", "fused")
 #: The router logit given to an unselected real expert in the fused form: its softmax weight is exactly 0.
 UNSELECTED_LOGIT = -1.0e4
 
-ExpertFn = Callable[[torch.Tensor], torch.Tensor]
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _TokensOf(torch.autograd.Function):
@@ -124,7 +125,7 @@ def canonical_dispatch(
         hidden_states: ``[T, H]`` tokens entering the experts.
         top_k_index, top_k_weights: ``[T, k]`` the router's selection and the weights the model applies.
         num_experts: E, the width of the routing space.
-        real: expert index → its raw output function f_e on ``[n, H]``.
+        real: expert index → its weighted output g·f_e on ``(x [n, H], g [n, 1])``, in g's dtype.
         novices: expert index → its constant output ``[H]`` (a novice).
 
     Every index in ``range(num_experts)`` must be in exactly one of ``real`` and ``novices``. W, the weighted
@@ -141,8 +142,7 @@ def canonical_dispatch(
         if expert in novices:
             acc = _add_novice_branch(acc, weights, expert, zero, novices[expert])
         else:
-            acc = _add_branch(acc, weights, expert, zero,
-                              lambda token, w, e=expert: _as(real[e](hidden_states[token]), w.dtype) * w)
+            acc = _add_branch(acc, weights, expert, zero, lambda token, w, e=expert: real[e](hidden_states[token], w))
     return _as(acc, hidden_states.dtype)
 
 
@@ -268,6 +268,7 @@ def _check_fusable(experts: nn.Module) -> None:
     biased = any(getattr(experts, name, None) is not None for name in ("gate_up_proj_bias", "down_proj_bias"))
     layout = [what for what, present in (
         ("its own gate function", not uses_default_gate(experts)),
+        ("inputs scaled by the routing weight", getattr(experts, "scales_input", False)),
         ("transposed weights", getattr(experts, "is_transposed", False)),
         ("ungated experts", not getattr(experts, "has_gate", True)),
         ("a post-expert norm", getattr(experts, "has_post_expert_norm", False)),
@@ -292,12 +293,20 @@ def _fused_novice_forward(self, hidden_states, top_k_index, top_k_weights):
 
 def _stock_forward(self, hidden_states, top_k_index, top_k_weights):
     num_experts = int(self.gate_up_proj.shape[0])
-    real = {e: (lambda x, e=e: expert_forward(self, e, x)) for e in range(num_experts)}
+    real = {e: _weighted_output(self, e) for e in range(num_experts)}
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, num_experts, real, {})
 
 
+def _weighted_output(experts: nn.Module, slot: int) -> ExpertFn:
+    """g·f_e of the expert at ``slot`` in the accumulation dtype of g (f_e cast up before the product, as
+    transformers' eager loop multiplies by the float32 weight)."""
+    if getattr(experts, "scales_input", False):
+        return lambda x, w: _as(weighted_expert_output(experts, slot, x, w), w.dtype)
+    return lambda x, w: _as(expert_forward(experts, slot, x), w.dtype) * w
+
+
 def _novice_forward(self, hidden_states, top_k_index, top_k_weights):
-    real = {e: (lambda x, slot=slot: expert_forward(self, slot, x)) for slot, e in enumerate(self.real_ids)}
+    real = {e: _weighted_output(self, slot) for slot, e in enumerate(self.real_ids)}
     novices = {e: self.novice_means[row] for row, e in enumerate(self.novice_ids)}
     return canonical_dispatch(hidden_states, top_k_index, top_k_weights, self.num_experts, real, novices)
 

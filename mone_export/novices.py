@@ -10,7 +10,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mone_export.adapters import MoeAdapter, MoeLayer, expert_forward, moe_layers_or_error, uses_default_gate
+from mone_export.adapters import (MoeAdapter, MoeLayer, moe_layers_or_error, uses_default_gate,
+                                  weighted_expert_output)
 from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
 
@@ -66,8 +67,8 @@ class NoviceExperts(nn.Module):
             if expert not in hit:
                 continue
             token, pos = torch.where(top_k_index == expert)
-            f_e = expert_forward(self, slot, hidden_states[token])
-            out.index_add_(0, token, (f_e * top_k_weights[token, pos, None]).to(out.dtype))
+            update = weighted_expert_output(self, slot, hidden_states[token], top_k_weights[token, pos, None])
+            out.index_add_(0, token, update.to(out.dtype))
         if self.novice_ids:
             dense = dense_routing_weights(top_k_index, top_k_weights, self.num_experts)
             out = out + (dense[:, self.novice_ids] @ self.novice_means.to(dense.dtype)).to(out.dtype)

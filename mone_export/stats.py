@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mone_export.adapters import MoeLayer, expert_forward, experts_forwards_swapped, moe_layers_or_error
+from mone_export.adapters import MoeLayer, expert_outputs, experts_forwards_swapped, moe_layers_or_error
 from mone_export.errors import UsageError
 from mone_export.fingerprint import experts_dtype, experts_fingerprints
 from mone_export.progress import progress_bar
@@ -151,9 +151,8 @@ def _instrumented_forward(layer_stats: LayerStats, experts: nn.Module):
         out = torch.zeros_like(hidden_states)
         for expert in torch.unique(top_k_index).tolist():
             token, slot = torch.where(top_k_index == expert)
-            f_e = expert_forward(self, expert, hidden_states[token])
-            weight = top_k_weights[token, slot, None]
-            out.index_add_(0, token, (f_e * weight).to(out.dtype))
+            f_e, update = expert_outputs(self, expert, hidden_states[token], top_k_weights[token, slot, None])
+            out.index_add_(0, token, update.to(out.dtype))
             layer_stats.add_expert_outputs(
                 expert, f_e.detach().to(torch.float64).numpy(), weights64[token, slot].numpy()
             )

@@ -662,7 +662,7 @@ def export_onnx_streamed(streamed, output: str | os.PathLike, plan=None, *, opse
                 with streamed.loaded_layer(index, plan):
                     routing = []
                     if index in moe_by_index:
-                        routing = [f"model.layers.{index}.{adapter.block_attr}.routing_weights"]
+                        routing = [f"{adapter.block_path(index)}.routing_weights"]
                     raw = Path(tmp) / f"piece{index}"
                     # A middle piece is traced from the token embeddings the first piece computes: it does not
                     # serialise the embedding table again (a third of a piece's bytes on the 640M Qwen3-MoE).

@@ -10,7 +10,9 @@ from tiny_models import FAMILIES, tiny_model
 
 
 def test_every_registered_family_has_a_tiny_model():
-    assert set(supported_model_types()) == set(FAMILIES)
+    """The five original families have tiny models here; Llama 4, whose adapter puts its blocks into the standard
+    form, is tested with the architecture census (tests/test_architectures.py) and tests/test_stats.py."""
+    assert set(supported_model_types()) == set(FAMILIES) | {"llama4_text"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -74,6 +74,43 @@ def test_stats_match_brute_force(family):
         assert layer.count.sum() == n * layer.top_k
 
 
+def test_llama4_stats_match_its_own_experts():
+    """Llama 4's experts scale their input (the model adds expert_e(g·x)): f_e = expert_e(g·x)/g. Brute force from the
+    model's own modules, kept aside before the adapter puts the blocks into the standard form: the router's logits,
+    top-k and sigmoid, and Llama4TextExperts run densely on g·x as Llama4TextMoe runs them."""
+    import copy
+
+    from tiny_models import tiny_model_of
+
+    model = tiny_model_of("llama4_text", seed=5)
+    originals = {index: copy.deepcopy(layer.feed_forward) for index, layer in enumerate(model.model.layers)
+                 if hasattr(layer.feed_forward, "router")}
+    inputs = {index: [] for index in originals}
+    hooks = [model.model.layers[index].feed_forward.register_forward_pre_hook(
+        lambda m, args, i=index: inputs[i].append(args[0].detach())) for index in originals]
+    stats = collect_stats(model, tiny_batches(num=3, batch=2, seq=9, seed=1), progress=False)
+    for hook in hooks:
+        hook.remove()
+    assert set(stats.layers) == set(originals)
+    for index, block in originals.items():
+        hidden = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[index]])
+        with torch.no_grad():
+            scores, _ = block.router(hidden)  # [T, E]: sigmoid of the top-k logits, 0 elsewhere
+            routed = block.experts((hidden.repeat(scores.shape[1], 1) * scores.T.reshape(-1, 1)))
+        routed = routed.reshape(scores.shape[1], -1, hidden.shape[-1]).double()
+        layer = stats.layers[index]
+        for e in range(scores.shape[1]):
+            token = torch.nonzero(scores[:, e] > 0)[:, 0]
+            g = scores[token, e].double()
+            f = (routed[e, token] / g[:, None]).numpy()
+            assert layer.count[e] == len(token)
+            np.testing.assert_allclose(layer.routing_score[e], g.sum().item() / len(hidden), rtol=1e-6)
+            if len(token):
+                np.testing.assert_allclose(layer.mean[e], f.mean(0), rtol=1e-4, atol=1e-6)
+            if len(token) > 1:
+                np.testing.assert_allclose(layer.var[e], f.var(0, ddof=1), rtol=1e-3, atol=1e-8)
+
+
 def test_stats_do_not_depend_on_batching():
     # float64 model: expert outputs do not depend on the batch shape, so only the merge is under test.
     model = tiny_model("qwen3_moe", seed=7).double()

@@ -93,15 +93,51 @@ ANY_TYPE_SIZES = dict(
 """Sizes given to every config field of these names that a model type's config has (odd widths, E = 6, k = 2)."""
 
 
+_HYBRID_LAYERS = dict(layer_types=["linear_attention", "full_attention", "linear_attention"])
+
+TYPE_SIZES = {
+    # Hybrid models: the default layer pattern of 3 layers has no attention layer (transformers' cache then fails).
+    "qwen3_next": _HYBRID_LAYERS, "qwen3_5_moe_text": _HYBRID_LAYERS, "bailing_hybrid": _HYBRID_LAYERS,
+    "kimi_linear": dict(_HYBRID_LAYERS, linear_num_heads=4, linear_head_dim=12),
+    "qwen4_exp_text": dict(_HYBRID_LAYERS, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=12,
+                           indexer_budget=8, indexer_compress_ratio=2),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=0, mamba_dt_rank=8),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_head=12,
+                             mamba_d_state=16, mamba_chunk_size=16),
+    # Layer patterns of 3 layers with a routed MoE layer in them.
+    "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"],
+                 layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "flint": dict(mlp_only_layers=[0], layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    "zaya": dict(num_experts_per_tok=1, layer_types=["hybrid"] * 3),
+    "dots3_note_text": dict(mlp_layer_types=["dense", "sparse", "sparse"], per_layer_config={}, head_dim=16,
+                            layer_types=["indexed_attention", "sliding_attention", "indexed_attention"]),
+    # Llama 4: a dense layer between MoE layers, a layer without rotary, chunked attention shorter than a prompt.
+    # No padding row: the pad token's zero embedding stays zero through layer 0 (no biases, no rotary at the first
+    # token), every router logit ties at 0, and ONNX's TopK (lowest index first) and PyTorch's topk pick different
+    # experts, which a novice's constant output makes visible. A trained model has no exact ties.
+    "llama4_text": dict(moe_layers=[0, 2], intermediate_size_mlp=44, no_rope_layers=[1, 0, 1], attention_chunk_size=8,
+                        pad_token_id=None),
+    "gemma4_text": dict(enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=26,
+                        per_layer_config={}, hidden_size_per_layer_input=8, vocab_size_per_layer_input=97,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+}
+"""Per type, what :data:`ANY_TYPE_SIZES` cannot say: layer patterns of 3 layers that still hold every layer kind,
+and the sizes of a type's own sublayers."""
+
+
 def tiny_config_of(model_type: str, **overrides):
-    """A tiny config of any model type: :data:`ANY_TYPE_SIZES` for the fields its config class has. Multi-head
-    latent attention (``kv_lora_rank``) gets as many KV heads as query heads and ``head_dim`` = the rotary part."""
+    """A tiny config of any model type: :data:`ANY_TYPE_SIZES` for the fields its config class has, then the type's
+    own :data:`TYPE_SIZES`. Multi-head latent attention (``kv_lora_rank``) gets as many KV heads as query heads and
+    ``head_dim`` = the rotary part."""
     config_class = type(transformers.AutoConfig.for_model(model_type))
     defaults = config_class()
-    kwargs = {key: value for key, value in ANY_TYPE_SIZES.items() if hasattr(defaults, key)}
-    if hasattr(defaults, "kv_lora_rank"):
+    # Fields and their aliases; not hasattr: per-layer configs raise on attributes that differ between layers.
+    fields = {*defaults.to_dict(), *getattr(defaults, "attribute_map", {})}
+    kwargs = {key: value for key, value in ANY_TYPE_SIZES.items() if key in fields}
+    if "kv_lora_rank" in fields:
         kwargs.update(num_key_value_heads=kwargs["num_attention_heads"], head_dim=kwargs["qk_rope_head_dim"])
-    return config_class(**{**kwargs, **overrides})
+    return config_class(**{**kwargs, **TYPE_SIZES.get(model_type, {}), **overrides})
 
 
 def tiny_model_of(model_type: str, seed: int = 0, **overrides):
