@@ -16,14 +16,15 @@ __all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEP
            "check_exportable", "check_prunable", "experts_interface_types"]
 
 COVERED = sorted([
-    "aria_text", "axk1", "beam", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo",
-    "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared",
-    "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "llama4_text", "mellum", "minimax_m2", "minimax_m3_vl_text", "mixtral",
-    "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
+    "afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe",
+    "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "gpt_oss", "granitemoe",
+    "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "kolibri1", "laguna", "llama4_text", "mellum",
+    "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
 ])
 """Types that prune, export and match PyTorch in ONNX Runtime."""
 
-ROUTER_KEPT = {"hunyuan_v1_moe": "its router (HunYuanMoEV1Gate) keeps its weight in an inner Linear",
+ROUTER_KEPT = {"afmoe": "its router (AfmoeTokenChoiceRouter) keeps its weight in an inner Linear (gate)",
+               "hunyuan_v1_moe": "its router (HunYuanMoEV1Gate) keeps its weight in an inner Linear",
                "ernie4_5_moe": "its router keeps a per-expert bias in a submodule (moe_statics)",
                "gemma4_text": "its router (Gemma4TextRouter) keeps its weight in an inner Linear (proj)"}
 """Covered types whose router removal cannot cut: MoNE only, removal refused with a clear error."""
@@ -32,19 +33,17 @@ _HYBRID = ("hybrid: some layers keep a linear-attention / SSM state, which the e
            "key and value per layer) does not carry yet")
 _INDEXER = ("sparse attention with an indexer key cache (DynamicIndexedLayer), which the export's cache contract does "
             "not carry yet")
-_SHAPES = "its attention does not export from the tiny config yet (shape mismatch)"
 
 PRUNE_ONLY = {
-    "afmoe": "exports, but ONNX Runtime's logits differ from PyTorch (1e-1): not investigated yet",
     "axk2": _INDEXER, "deepseek_v32": _INDEXER, "dots3_note_text": _INDEXER, "glm_moe_dsa": _INDEXER, "hy_v4": _INDEXER,
     "inkling_text": _HYBRID, "inkling2_text": _HYBRID, "inkling2_loop_text": _HYBRID, "lara_mini": _HYBRID,
     "minimax": _HYBRID, "nemotron_h": _HYBRID, "bailing_hybrid": _HYBRID, "granitemoehybrid": _HYBRID,
     "jamba": _HYBRID, "kimi_linear": _HYBRID, "lfm2_moe": _HYBRID, "qwen3_5_moe_text": _HYBRID, "qwen3_next": _HYBRID,
     "qwen4_exp_text": _HYBRID, "zaya": _HYBRID,
-    "deepseek_v4": _SHAPES, "mimo_v2_flash": _SHAPES,
-    "cohere2_moe": ("exports and matches PyTorch on short prompts, but the main command's validation on longer "
-                    "prompts measures 1.2e-4 to 1.6e-3 logit errors with a MoNE plan, over its 1e-4 gate: not "
-                    "investigated yet"),
+    "deepseek_v4": ("its compressed attention caches one shared key-value tensor per layer (and an indexer), which "
+                    "the export's cache contract (past/present key and value per KV head) does not carry yet"),
+    "mimo_v2_flash": ("its sliding-window layers have twice the KV heads of its full-attention layers; the export's "
+                      "cache contract, like onnxruntime-genai's config, has one KV head count for every layer"),
 }
 """Types that calibrate and prune in PyTorch (the one expert formula reproduces them, a MoNE plan applies) but do not
 export yet, and why."""

@@ -153,7 +153,7 @@ def test_llama4_chunked_attention_across_chunks(tmp_path):
     assert max(diffs) <= 1e-4, diffs
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "glm4_moe", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "glm4_moe", "llama4_text", "cohere2_moe"])
 def test_the_main_command_on_a_checkpoint_of_a_new_type(model_type, tmp_path, capsys):
     """Through the CLI, as a user runs it on a checkpoint folder: prune, export and validate (parity, greedy tokens,
     memory, latency) pass, with no adapter written for the type."""

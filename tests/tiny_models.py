@@ -118,6 +118,7 @@ TYPE_SIZES = {
     # experts, which a novice's constant output makes visible. A trained model has no exact ties.
     "llama4_text": dict(moe_layers=[0, 2], intermediate_size_mlp=44, no_rope_layers=[1, 0, 1], attention_chunk_size=8,
                         pad_token_id=None),
+    "cohere2_moe": dict(pad_token_id=None),  # the same tie: its first MoE input is the normed embedding alone
     "gemma4_text": dict(enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=26,
                         per_layer_config={}, hidden_size_per_layer_input=8, vocab_size_per_layer_input=97,
                         layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
@@ -141,8 +142,17 @@ def tiny_config_of(model_type: str, **overrides):
 
 
 def tiny_model_of(model_type: str, seed: int = 0, **overrides):
-    """A seeded random tiny causal LM of any model type, fp32, eager attention and experts."""
+    """A seeded random tiny causal LM of any model type, fp32, eager attention and experts. Routers that the type's
+    initialisation leaves at zero (AFMoE) get random weights: a zero router ties every expert for every token, and
+    ONNX's TopK and PyTorch's topk break ties differently."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         tiny_config_of(model_type, **overrides), attn_implementation="eager", experts_implementation="eager")
+    from mone_export.adapters import get_adapter
+
+    with torch.no_grad():
+        for layer in get_adapter(model).moe_layers(model):
+            for weight in layer.router.parameters():
+                if weight.dim() == 2 and not weight.any():
+                    weight.normal_(0.0, 0.2)
     return model.eval()
