@@ -46,6 +46,7 @@ __all__ = [
     "intermediate_size",
     "uses_default_gate",
     "experts_forwards_swapped",
+    "routing_recorded",
 ]
 
 
@@ -98,6 +99,8 @@ class MoeAdapter:
         standard_form: for a family whose MoE block does not call its experts through the standard interface, a
             function that puts a block into that form in place (same parameters, same outputs); the adapter applies
             it when it finds the block, so everything else sees the standard interface.
+        router_logits_at: which of the router's outputs holds the logits its top-k ranks (transformers 5's routers
+            return ``(logits, top_k_weights, top_k_index)``; Llama 4's ``(scores, logits)``).
     """
 
     model_type: str
@@ -109,6 +112,7 @@ class MoeAdapter:
     shared_gate_attr: str | None = None
     group_limited: bool = False
     standard_form: Callable[[nn.Module], None] | None = None
+    router_logits_at: int = 0
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """``model.model.layers`` of a causal LM (or ``model.layers`` of a bare decoder)."""
@@ -259,6 +263,32 @@ def _expert_gate(experts: nn.Module, projected: torch.Tensor) -> torch.Tensor:
     inter = intermediate_size(experts)
     gate, up = projected.split([inter, inter], dim=-1)
     return experts.act_fn(gate) * up
+
+
+@contextlib.contextmanager
+def routing_recorded(model: nn.Module, record: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, every MoE layer's routing calls ``record(layer index, router logits [.., E], top_k_index
+    [T, k])`` as the model runs: the logits from the router's output (:attr:`MoeAdapter.router_logits_at`), the
+    choice as the block passes it to its experts. Hooks only: nothing is swapped; they are removed on exit."""
+    adapter, layers = moe_layers_or_error(model)
+    handles = []
+    try:
+        for layer in layers:
+            last: dict[str, torch.Tensor] = {}
+
+            def router_hook(module, args, output, last=last):
+                last["logits"] = output[adapter.router_logits_at]
+
+            def experts_hook(module, args, kwargs, index=layer.index, last=last):
+                top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                record(index, last.pop("logits"), top_k_index)
+
+            handles.append(layer.router.register_forward_hook(router_hook))
+            handles.append(layer.experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 _NO_INSTANCE_FORWARD = object()
@@ -466,4 +496,4 @@ register_adapter(
 )
 register_adapter(MoeAdapter("llama4_text", num_experts_key="num_local_experts", block_attr="feed_forward",
                             router_attr="router", shared_expert_attr="shared_expert",
-                            standard_form=llama4_standard_form))
+                            standard_form=llama4_standard_form, router_logits_at=1))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mone_export.adapters import moe_layers_or_error
+from mone_export.adapters import moe_layers_or_error, routing_recorded
 from mone_export.calibration import calibration_batches
 
 __all__ = [
@@ -80,35 +80,25 @@ def heldout_perplexity(model: torch.nn.Module, tokenizer: Any, source: str, **se
     return perplexity(model, eval_batches(tokenizer, source, **{**EVAL_SETTINGS, **settings}))
 
 
-def _router_hooks(model: torch.nn.Module, sink: dict[int, list[torch.Tensor]]):
-    """Forward hooks on every router that append ``(router_logits, top_k_index)`` per layer to ``sink``."""
-    _, layers = moe_layers_or_error(model)
-    handles = []
-    for layer in layers:
-        sink[layer.index] = []
-
-        def hook(module, args, output, index=layer.index):
-            logits, _, top_index = output
-            sink[index].append((logits.detach().float().reshape(-1, logits.shape[-1]), top_index.detach().reshape(-1, top_index.shape[-1])))
-
-        handles.append(layer.router.register_forward_hook(hook))
-    return layers, handles
-
-
 @torch.inference_mode()
 def _routing(model: torch.nn.Module, batches: list[torch.LongTensor]):
-    sink: dict[int, list] = {}
-    layers, handles = _router_hooks(model, sink)
+    """The MoE layers, and per layer the ``(router_logits [T, E], top_k_index [T, k])`` of every batch."""
+    _, layers = moe_layers_or_error(model)
+    sink: dict[int, list] = {layer.index: [] for layer in layers}
+
+    def record(index, logits, top_k_index):
+        sink[index].append((logits.detach().float().reshape(-1, logits.shape[-1]),
+                            top_k_index.detach().reshape(-1, top_k_index.shape[-1])))
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            model(input_ids=batch.to(device), use_cache=False)
+        with routing_recorded(model, record):
+            for batch in batches:
+                model(input_ids=batch.to(device), use_cache=False)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
     return layers, sink
 
 

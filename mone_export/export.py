@@ -26,6 +26,7 @@ import io
 import dataclasses
 import functools
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -382,6 +383,33 @@ def _repeat_interleave_symbolic(stock):
     return symbolic
 
 
+def _gelu_symbolic(stock):
+    """``aten::gelu`` on a half-precision value, or one whose dtype the exporter does not know (our export runs
+    without ONNX shape inference): the stock symbolic's constants stay float32 and meet a float16 input in one ``Add``
+    (Gemma 4's tanh-approximated experts in a float16 export). Here every constant is cast like the input
+    (``CastLike``); a float32 value takes the stock symbolic, so float32 graphs are unchanged."""
+    from torch.onnx import symbolic_helper
+    from torch.onnx._internal.torchscript_exporter import _type_utils
+
+    def symbolic(g, input, approximate="none"):
+        wide = (_type_utils.JitScalarType.FLOAT, _type_utils.JitScalarType.DOUBLE)
+        if _type_utils.JitScalarType.from_value(input, _type_utils.JitScalarType.UNDEFINED) in wide:
+            return stock(g, input, approximate)
+        approximate = symbolic_helper._maybe_get_const(approximate, "s")
+
+        def const(value: float):
+            return g.op("CastLike", g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32)), input)
+
+        if approximate == "tanh":
+            cube = g.op("Mul", input, g.op("Mul", input, input))
+            inner = g.op("Mul", const(math.sqrt(2 / math.pi)), g.op("Add", input, g.op("Mul", const(0.044715), cube)))
+            return g.op("Mul", const(0.5), g.op("Mul", input, g.op("Add", const(1.0), g.op("Tanh", inner))))
+        erf = g.op("Erf", g.op("Div", input, const(math.sqrt(2.0))))
+        return g.op("Mul", g.op("Mul", input, g.op("Add", erf, const(1.0))), const(0.5))
+
+    return symbolic
+
+
 def _cumsum_symbolic(stock):
     """``aten::cumsum`` of a bool tensor (the chunked-attention mask's left-padding count, Llama 4): ``CumSum`` of
     its int64 cast, as PyTorch sums booleans into int64; ONNX's ``CumSum`` takes no bool. Other inputs take the
@@ -406,15 +434,16 @@ def _cumsum_symbolic(stock):
 def _softmax_in_requested_dtype(opset: int) -> Iterator[None]:
     """Within the block, the exporter emits ``softmax(x, dtype=d)`` as ``Softmax(Cast(x, d))`` (see
     :func:`_softmax_symbolic`), ``clamp`` and ``repeat_interleave`` where the stock symbolics need types or shapes
-    our export does not infer (:func:`_clamp_symbolic`, :func:`_repeat_interleave_symbolic`), and ``cumsum`` of
-    booleans (:func:`_cumsum_symbolic`); the stock symbolics come back on exit."""
-    from torch.onnx._internal.torchscript_exporter import symbolic_opset11, symbolic_opset13
+    our export does not infer (:func:`_clamp_symbolic`, :func:`_repeat_interleave_symbolic`, :func:`_gelu_symbolic`),
+    and ``cumsum`` of booleans (:func:`_cumsum_symbolic`); the stock symbolics come back on exit."""
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset9, symbolic_opset11, symbolic_opset13
 
     symbolics = {"softmax": _softmax_symbolic("Softmax", symbolic_opset13.softmax),
                  "log_softmax": _softmax_symbolic("LogSoftmax", symbolic_opset13.log_softmax),
                  "clamp": _clamp_symbolic(symbolic_opset11.clamp),
                  "repeat_interleave": _repeat_interleave_symbolic(symbolic_opset13.repeat_interleave),
-                 "cumsum": _cumsum_symbolic(symbolic_opset11.cumsum)}
+                 "cumsum": _cumsum_symbolic(symbolic_opset11.cumsum),
+                 "gelu": _gelu_symbolic(symbolic_opset9.gelu)}
     registered = []
     try:
         for name, function in symbolics.items():

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mone_export.adapters import moe_layers_or_error
+from mone_export.adapters import routing_recorded
 
 __all__ = ["FACTOR", "HALF_PRECISION", "NEAR_TIE_FACTOR", "Yardstick", "epsilon", "RouterRecorder", "routing_outputs",
            "float32_reference", "check_half_logits", "check_half_generation", "quantized_yardstick"]
@@ -143,29 +143,24 @@ class RouterRecorder:
     """
 
     def __init__(self, model):
-        _, layers = moe_layers_or_error(model)
-        self._layers = layers
+        self._model = model
         self._calls: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = []
+        self._recording = None
 
     def __enter__(self) -> "RouterRecorder":
-        self._handles = [layer.router.register_forward_hook(self._hook(layer.index)) for layer in self._layers]
+        self._recording = routing_recorded(self._model, self._record)
+        self._recording.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._recording.__exit__(*exc)
+        self._recording = None
 
-    def _hook(self, index: int):
-        def hook(module, args, output):
-            logits, _, experts = output  # every supported router returns (logits, top-k weights, top-k index)
-            logits = logits.detach().reshape(-1, logits.shape[-1]).double()
-            selected = torch.zeros(logits.shape, dtype=torch.bool).scatter_(
-                1, experts.detach().reshape(logits.shape[0], -1).long(), True)
-            self._calls[index] = (logits, selected)
-
-        return hook
+    def _record(self, index: int, logits: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        logits = logits.detach().reshape(-1, logits.shape[-1]).double()
+        selected = torch.zeros(logits.shape, dtype=torch.bool).scatter_(
+            1, top_k_index.detach().reshape(logits.shape[0], -1).long(), True)
+        self._calls[index] = (logits, selected)
 
     def take(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The routing of the forward that just ran (see the class docstring)."""

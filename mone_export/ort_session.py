@@ -144,9 +144,11 @@ class OrtDecoder:
         if logits_type not in ORT_DTYPES:
             raise UsageError(f"{self.path}: logits of type {logits_type} cannot be validated with numpy; "
                              "validate an fp32 or fp16 export.")
-        self.dtype = ORT_DTYPES[logits_type]
         past_type = inputs[self.past_names[0]].type if self.past_names else logits_type
-        self.past_dtype = ORT_DTYPES.get(past_type, self.dtype)
+        self.past_dtype = ORT_DTYPES.get(past_type, ORT_DTYPES[logits_type])
+        # The export's precision is its cache's (the model dtype): some families return float32 logits from a
+        # float16 model (Beam casts its logits up), and the float32 tolerance would misjudge that export.
+        self.dtype = self.past_dtype
 
     @property
     def dtype_name(self) -> str:

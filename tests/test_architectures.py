@@ -172,6 +172,25 @@ def test_the_main_command_on_a_checkpoint_of_a_new_type(model_type, tmp_path, ca
     assert max(r["max_abs_diff"] for r in report["validation"]["logits"]) <= 1e-4
 
 
+@pytest.mark.parametrize("model_type", ["llama4_text", "gemma4_text", "beam"])
+def test_a_float16_export_of_a_new_layout_passes_its_gate(model_type, tmp_path, capsys):
+    """Through the CLI in float16, judged by PyTorch's own float16 (docs/validation.md#half-precision): Llama 4's
+    router returns (scores, logits), so the routing is recorded where the block hands it to its experts; Gemma 4's
+    tanh GELU needs its constants in float16; Beam returns float32 logits from a float16 model, whose precision is
+    read from its cache."""
+    import json
+
+    from mone_export.cli import main
+
+    folder = tmp_path / model_type
+    tiny_model_of(model_type).save_pretrained(folder)
+    code = main(["--model", str(folder), "--ratio", "0.5", "--dtype", "fp16", "--calib", "random", "--calib-samples",
+                 "4", "--seq-len", "16", "-o", str(tmp_path / "out"), "--quiet", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] is True, report["validation"]["failures"]
+    assert report["validation"]["dtype"] == "float16"
+
+
 def test_types_not_covered_get_a_clear_error_not_a_traceback(tmp_path, capsys, monkeypatch):
     """An excluded type stops at load with its reason; a prune-only type prunes, and its export stops before
     calibrating with its reason; both exit 2."""
