@@ -1,10 +1,10 @@
 """The architecture registry: which Mixture-of-Experts model types of the installed transformers go end to end.
 
 Every causal-LM model type whose modeling code has an experts class of transformers' standard interface
-(``use_experts_implementation``) is in exactly one of :data:`COVERED` and :data:`EXCLUDED` (the census test,
-tests/test_architectures.py, fails when a transformers release adds or drops one). Covered types need no adapter of
-their own: the generic adapter finds their MoE blocks (:func:`mone_export.adapters.get_adapter`). The README's
-architecture table is :func:`architecture_table`.
+(``use_experts_implementation``) is in exactly one of :data:`COVERED`, :data:`PRUNE_ONLY`, :data:`TEXT_MODEL_OF`
+and :data:`EXCLUDED` (the census test, tests/test_architectures.py, fails when a transformers release adds or drops
+one). Covered types need no adapter of their own: the generic adapter finds their MoE blocks
+(:func:`mone_export.adapters.get_adapter`). The README's architecture table is :func:`architecture_table`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from mone_export.adapters import ADAPTERS, experts_classes
 from mone_export.errors import UnsupportedModelError
 
-__all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEPT", "architecture_table",
-           "check_exportable", "check_prunable", "experts_interface_types"]
+__all__ = ["COVERED", "EXCLUDED", "OUTSIDE_INTERFACE", "PRUNE_ONLY", "ROUTER_KEPT", "TEXT_MODEL_OF",
+           "architecture_table", "check_exportable", "check_prunable", "experts_interface_types"]
 
 COVERED = sorted([
     "afmoe", "aria_text", "axk1", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe",
@@ -48,16 +48,20 @@ PRUNE_ONLY = {
 """Types that calibrate and prune in PyTorch (the one expert formula reproduces them, a MoNE plan applies) but do not
 export yet, and why."""
 
-_WRAPPER = "multimodal wrapper: its text model type is listed on its own"
+TEXT_MODEL_OF = {"dots3_note": "dots3_note_text", "llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                 "qwen4_exp": "qwen4_exp_text"}
+"""Multimodal types whose causal LM is their text model alone (transformers maps the type to a ``*ForCausalLM`` of
+the text config): a checkpoint of the type loads as its text model, leaves the other modalities' tensors unread, and
+prunes and exports as the text type (:func:`mone_export.loading.causal_lm_config`)."""
 
 EXCLUDED = {
-    "dots3_note": _WRAPPER, "gemma4": _WRAPPER, "qwen3_5_moe": _WRAPPER, "qwen4_exp": _WRAPPER,
+    "gemma4": ("multimodal: its causal-LM class is the whole image-text model (Gemma4ForConditionalGeneration), not "
+               "its text model; a checkpoint of gemma4_text is covered"),
 }
 """Types with the experts interface that are not covered yet, and why."""
 
 OUTSIDE_INTERFACE = {
     "dbrx": "experts not decorated with use_experts_implementation (own fused layout)",
-    "llama4": "multimodal wrapper (Llama4ForConditionalGeneration): its text model type, llama4_text, is covered",
     "longcat_flash": "identity 'zero' experts beside the routed ones, outside the interface",
     "step3p7": "fused layout but not decorated, so the generic adapter does not see it",
     "jetmoe": "per-expert attention and MLP experts of its own form",
@@ -100,8 +104,15 @@ def architecture_table() -> str:
     """The README's table: every type with the experts interface, what works (prune, export with ONNX Runtime
     parity, the pruning methods) and, where something does not yet, why."""
     rows = ["| model_type | prune | export | methods | note |", "| --- | --- | --- | --- | --- |"]
-    for model_type in sorted({*COVERED, *PRUNE_ONLY, *EXCLUDED}):
-        if model_type in COVERED:
+    for model_type in sorted({*COVERED, *PRUNE_ONLY, *EXCLUDED, *TEXT_MODEL_OF}):
+        if model_type in TEXT_MODEL_OF:
+            text = TEXT_MODEL_OF[model_type]
+            prune, export = ("yes", "yes") if text in COVERED else ("yes", "no")
+            methods = "mone, mone-zero" if text in ROUTER_KEPT else "all" if text in COVERED else "mone"
+            does = "loads, prunes and exports" if text in COVERED else "loads and prunes"
+            rows.append(f"| `{model_type}` | {prune} | {export} | {methods} | multimodal: {does} as its text model, "
+                        f"`{text}` |")
+        elif model_type in COVERED:
             methods = "mone, mone-zero" if model_type in ROUTER_KEPT else "all"
             rows.append(f"| `{model_type}` | yes | yes | {methods} | {ROUTER_KEPT.get(model_type, '')} |")
         elif model_type in PRUNE_ONLY:

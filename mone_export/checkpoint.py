@@ -296,7 +296,7 @@ def _field(info, name: str):
     return (info.get(name) if isinstance(info, dict) else getattr(info, name, None)) or ()
 
 
-def _raise_for_load_problems(info, folder: Path) -> None:
+def _raise_for_load_problems(info, folder: Path, allow_unexpected: bool = False) -> None:
     conversion = dict(_field(info, "conversion_errors"))
     mismatched = list(_field(info, "mismatched_keys"))
     missing = set(_field(info, "missing_keys")) - set(conversion)
@@ -312,7 +312,9 @@ def _raise_for_load_problems(info, folder: Path) -> None:
     if missing:
         raise UsageError(f"{where} lacks {_listed(missing)}, which the model needs (it would be randomly "
                          "initialised); copy the checkpoint again.")
-    if unexpected:
+    if unexpected and allow_unexpected:
+        logger.info("%d tensors of %s's other modalities left unread", len(unexpected), folder)
+    elif unexpected:
         raise UsageError(f"{where} holds tensors the model does not have: {_listed(unexpected)}; the weights do not "
                          "match config.json.")
 
@@ -331,8 +333,12 @@ def _without_transformers_progress_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_pretrained_checked(folder: str | os.PathLike, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained(folder)`` that fails with a one-line error on any load problem."""
+def load_pretrained_checked(folder: str | os.PathLike, text_of_multimodal: bool = False, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(folder)`` that fails with a one-line error on any load problem.
+
+    ``text_of_multimodal``: the folder holds a multimodal checkpoint of which the causal LM is the text model
+    (:func:`mone_export.loading.causal_lm_config`): the other modalities' tensors are left unread, not an error.
+    """
     import transformers
 
     folder = Path(folder)
@@ -346,5 +352,5 @@ def load_pretrained_checked(folder: str | os.PathLike, **kwargs):
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot load the weights in {folder}: {message}") from None
-    _raise_for_load_problems(captured.get("info") or info, folder)
+    _raise_for_load_problems(captured.get("info") or info, folder, allow_unexpected=text_of_multimodal)
     return model

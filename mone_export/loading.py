@@ -118,6 +118,23 @@ def _load_config(path: Path):
         raise UsageError(f"{path} does not hold a config transformers can read ({str(exc).splitlines()[0]}).") from None
 
 
+def causal_lm_config(config):
+    """The config of the model ``AutoModelForCausalLM`` builds from ``config``: for a multimodal checkpoint whose
+    causal-LM class is its text model alone (Llama 4, Qwen3.5-MoE: transformers maps the wrapper type to a
+    ``*ForCausalLM`` whose ``config_class`` is the text config), that text config; otherwise ``config`` itself. The
+    families, the checks and the plan are those of the model actually built."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    text = config.get_text_config()
+    if text is config:
+        return config
+    try:
+        causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return config
+    return text if isinstance(text, causal_lm.config_class) else config
+
+
 def preflight_model(name_or_path: str | os.PathLike):
     """Check a model without loading its weights: folder, config, MoE family and weight files; return the config.
 
@@ -127,7 +144,7 @@ def preflight_model(name_or_path: str | os.PathLike):
     from mone_export.checkpoint import check_checkpoint_files
 
     path = resolve_model_path(name_or_path)
-    config = _load_config(path)
+    config = causal_lm_config(_load_config(path))
     get_adapter(config)
     check_prunable(config)
     if not (path / PRUNED_MARKER).is_file():
@@ -150,14 +167,15 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, attn_implementation:
     from mone_export.checkpoint import load_pretrained_checked
 
     path = resolve_model_path(name_or_path)
-    config = _load_config(path)
+    stored = _load_config(path)
+    config = causal_lm_config(stored)
     get_adapter(config)  # unknown or non-MoE families fail here, before any weight is read
     check_prunable(config)
     kwargs = model_build_options(config, dtype, attn_implementation)
     if (path / PRUNED_MARKER).is_file():
         model = _load_pruned(path, config, kwargs)
     else:
-        model = load_pretrained_checked(path, **kwargs)
+        model = load_pretrained_checked(path, text_of_multimodal=config is not stored, **kwargs)
     moe_layers_or_error(model)
     model.eval()
     return model, _load_tokenizer(path)

@@ -41,7 +41,7 @@ from mone_export.adapters import moe_layers_or_error
 from mone_export.checkpoint import check_checkpoint_files
 from mone_export.errors import UsageError
 from mone_export.fingerprint import FingerprintBuilder
-from mone_export.loading import model_build_options
+from mone_export.loading import causal_lm_config, model_build_options
 from mone_export.process_memory import available_memory_bytes
 from mone_export.progress import progress_bar
 from mone_export.stats import ExpertStats, LayerStats, check_unpruned, recording_experts
@@ -167,7 +167,7 @@ class LayerStreamedModel:
         import transformers
 
         self.folder = Path(folder)
-        self.config = transformers.AutoConfig.from_pretrained(str(self.folder))
+        self.config = causal_lm_config(transformers.AutoConfig.from_pretrained(str(self.folder)))
         options = model_build_options(self.config, dtype, attn_implementation)
         self.dtype = options["dtype"]
         check_prunable(self.config)

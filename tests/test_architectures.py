@@ -18,8 +18,8 @@ import torch
 
 from mone_export import apply_plan, collect_stats, plan_pruning
 from mone_export.adapters import expert_forward, moe_layers_or_error
-from mone_export.architectures import (COVERED, EXCLUDED, PRUNE_ONLY, ROUTER_KEPT, architecture_table,
-                                       experts_interface_types)
+from mone_export.architectures import (COVERED, EXCLUDED, PRUNE_ONLY, ROUTER_KEPT, TEXT_MODEL_OF,
+                                       architecture_table, experts_interface_types)
 from mone_export.errors import UsageError
 from mone_export.export import export_onnx
 from tiny_models import tiny_batches, tiny_model_of
@@ -32,14 +32,71 @@ from test_export import (eos_ids, make_session, ort_greedy, prefill_and_decode, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_every_experts_interface_type_is_covered_or_excluded():
-    found = set(experts_interface_types())
-    groups = [set(COVERED), set(PRUNE_ONLY), set(EXCLUDED)]
+    found = set(experts_interface_types()) | set(TEXT_MODEL_OF)  # Llama 4's modeling file has no decorated experts
+    groups = [set(COVERED), set(PRUNE_ONLY), set(EXCLUDED), set(TEXT_MODEL_OF)]
     listed = set().union(*groups)
     assert sum(map(len, groups)) == len(listed), "a type is listed twice"
     assert found - listed == set(), f"new MoE types in transformers: cover or exclude {sorted(found - listed)}"
     assert listed - found == set(), f"no longer MoE types with the experts interface: {sorted(listed - found)}"
     assert set(ROUTER_KEPT) <= set(COVERED)
+    assert set(TEXT_MODEL_OF.values()) <= set(COVERED) | set(PRUNE_ONLY)
     assert len(COVERED) >= 24
+
+
+@pytest.mark.parametrize("model_type", sorted(TEXT_MODEL_OF))
+def test_a_multimodal_type_builds_its_text_model(model_type):
+    """transformers builds the listed text model from the multimodal config, as :data:`TEXT_MODEL_OF` says."""
+    import transformers
+
+    from mone_export.loading import causal_lm_config
+
+    config = transformers.AutoConfig.for_model(model_type)
+    assert causal_lm_config(config).model_type == TEXT_MODEL_OF[model_type]
+    assert causal_lm_config(transformers.AutoConfig.for_model("gemma4")).model_type == "gemma4"  # the whole model
+
+
+@pytest.mark.parametrize("model_type", ["llama4", "qwen3_5_moe"])
+def test_a_multimodal_checkpoint_prunes_as_its_text_model(model_type, tmp_path, capsys):
+    """A multimodal checkpoint (vision tower included) through the CLI: Llama 4 exports and validates, Qwen3.5-MoE
+    prunes; the text model loaded computes the multimodal model's logits on text (the weights went where they
+    belong), and the other modalities' tensors are left unread."""
+    import json
+
+    import transformers
+
+    from mone_export import load_model
+    from mone_export.cli import main
+
+    text_type = TEXT_MODEL_OF[model_type]
+    config_class = type(transformers.AutoConfig.for_model(model_type))
+    vision = config_class().vision_config
+    small = dict(num_hidden_layers=1, depth=1, hidden_size=16, num_attention_heads=2, num_heads=2,
+                 intermediate_size=16, out_hidden_size=48, vision_output_dim=48, projector_input_dim=16,
+                 projector_output_dim=48)
+    vision = type(vision)(**{key: value for key, value in small.items() if hasattr(vision, key)})
+    from tiny_models import tiny_config_of
+
+    torch.manual_seed(0)
+    full = transformers.AutoModelForImageTextToText.from_config(
+        config_class(text_config=tiny_config_of(text_type).to_dict(), vision_config=vision.to_dict()),
+        attn_implementation="eager", experts_implementation="eager").eval()
+    folder = tmp_path / model_type
+    full.save_pretrained(folder)
+    text, _ = load_model(folder, attn_implementation="eager")
+    assert text.config.model_type == text_type
+    ids = tiny_batches(vocab_size=97, num=1)[0]
+    language = getattr(full, "language_model", None)  # Llama 4's wrapper forward needs images in transformers 5.24:
+    if not hasattr(language, "lm_head"):  # its causal LM inside; Qwen3.5-MoE's wrapper runs on text alone
+        language = full
+    with torch.no_grad():
+        torch.testing.assert_close(text(input_ids=ids).logits, language(input_ids=ids).logits, rtol=0, atol=1e-5)
+    command = [] if text_type in COVERED else ["prune"]
+    code = main([*command, "--model", str(folder), "--ratio", "0.5", "--calib", "random", "--calib-samples", "4",
+                 "--seq-len", "16", "-o", str(tmp_path / "out"), "--quiet", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["model_type"] == text_type
+    if not command:
+        assert report["passed"] is True
 
 
 def test_the_readme_table_is_the_registry():
