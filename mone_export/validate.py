@@ -138,34 +138,105 @@ def logits_diff(onnx_logits: np.ndarray, torch_logits: torch.Tensor) -> tuple[fl
     return float(delta.max()), float(delta.mean())
 
 
+class RouterTies:
+    """Exact ties at a PyTorch model's top-k boundaries, recorded as it runs (docs/validation.md#router-ties).
+
+    Within ``with RouterTies(model) as ties:``, every forward of ``model`` over a ``[B, S]`` batch of positions
+    ``start .. start+S-1`` (one prompt per row) marks the rows where some MoE layer's router logits tie exactly
+    between its k-th and (k+1)-th expert: there ONNX's ``TopK`` (lowest index first) and PyTorch's ``topk`` may
+    route the token to different experts, and from that position on the two sides need not agree.
+    :attr:`first` holds, per row, the first such position (``inf`` where none).
+    """
+
+    def __init__(self, model, rows: int):
+        self.model = model
+        self.first = np.full(rows, np.inf)
+        self._position = 0
+        self._width = 0
+        self._handles: list = []
+        self._recording = None
+
+    def __enter__(self) -> "RouterTies":
+        from mone_export.adapters import routing_recorded
+
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._recording = routing_recorded(self.model, self._record)
+        self._recording.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._recording.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+
+    def _on_forward(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._position += self._width  # the previous forward's positions
+        self._width = int(ids.shape[-1])
+
+    def _record(self, layer: int, logits: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        k = int(top_k_index.shape[-1])
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        if flat.shape[-1] <= k:
+            return
+        top = flat.topk(k + 1, dim=-1).values
+        tied = (top[:, k - 1] == top[:, k]).reshape(-1, self._width).numpy()
+        for row, offsets in enumerate(tied):
+            hit = np.flatnonzero(offsets)
+            if hit.size:
+                self.first[row] = min(self.first[row], self._position + int(hit[0]))
+
+
+def _masked_diff(onnx_logits: np.ndarray, torch_logits: torch.Tensor, positions: np.ndarray,
+                 first_tie: np.ndarray) -> tuple[float, float, int]:
+    """``(max |Δ|, mean |Δ|, positions compared)`` over the positions before each row's first router tie."""
+    delta = np.abs(onnx_logits.astype(np.float64) - torch_logits.detach().to(torch.float64).numpy()).max(axis=-1)
+    keep = positions < first_tie[:, None]
+    if not keep.any():
+        return 0.0, 0.0, 0
+    return float(delta[keep].max()), float(delta[keep].mean()), int(keep.sum())
+
+
 def check_logits(decoder: OrtDecoder, model, prompts: torch.Tensor, decode_steps: int, atol: float,
                   dtype_name: str) -> tuple[list[dict], list[ParityFailure]]:
-    """Prefill the prompts (one batch), then ``decode_steps`` greedy steps through each side's own cache."""
+    """Prefill the prompts (one batch), then ``decode_steps`` greedy steps through each side's own cache. Positions
+    from a prompt's first exact router tie on (:class:`RouterTies`) are not compared; a run where no prefill position
+    is left fails (a router that ties everywhere, e.g. an untrained one, cannot be validated)."""
     batch, length = prompts.shape
     ids = prompts.numpy()
     mask = np.ones((batch, length), dtype=np.int64)
     positions = np.tile(np.arange(length, dtype=np.int64), (batch, 1))
-    onnx_logits, past = decoder(ids, mask, positions, decoder.empty_past(batch))
-    torch_logits, cache = torch_step(model, ids, mask, positions, None)
+    with RouterTies(model, batch) as ties:
+        onnx_logits, past = decoder(ids, mask, positions, decoder.empty_past(batch))
+        torch_logits, cache = torch_step(model, ids, mask, positions, None)
+        outputs = [(onnx_logits, torch_logits, positions)]
+        for step in range(decode_steps):
+            nxt = torch_logits[:, -1].float().argmax(-1).reshape(batch, 1).numpy()
+            total = length + step + 1
+            mask = np.ones((batch, total), dtype=np.int64)
+            positions = np.full((batch, 1), total - 1, dtype=np.int64)
+            onnx_logits, past = decoder(nxt, mask, positions, past)
+            torch_logits, cache = torch_step(model, nxt, mask, positions, cache)
+            outputs.append((onnx_logits, torch_logits, positions))
     rows, failures = [], []
     tolerance = f"{atol:.0e} absolute ({dtype_name})"
-    for step in range(decode_steps + 1):
+    for step, (onnx_logits, torch_logits, positions) in enumerate(outputs):
         name = "logits at prefill" if step == 0 else f"logits at decode step {step}"
-        max_diff, mean_diff = logits_diff(onnx_logits, torch_logits)
-        ok = bool(np.isfinite(max_diff) and max_diff <= atol)
-        rows.append({"output": name, "max_abs_diff": max_diff, "mean_abs_diff": mean_diff, "tolerance": atol,
-                     "passed": ok})
-        if not ok:
+        max_diff, mean_diff, compared = _masked_diff(onnx_logits, torch_logits, positions, ties.first)
+        ok = bool(np.isfinite(max_diff) and max_diff <= atol) and (step > 0 or compared > 0)
+        row = {"output": name, "max_abs_diff": max_diff, "mean_abs_diff": mean_diff, "tolerance": atol, "passed": ok}
+        if np.isfinite(ties.first).any():
+            row["compared_positions"] = compared
+        rows.append(row)
+        if step == 0 and compared == 0:
+            failures.append(ParityFailure(name, "no position compared (every prompt meets an exact router tie at "
+                                          "its first token: an untrained router?)", "some position to compare"))
+        elif not ok:
             failures.append(ParityFailure(name, f"max |Δ| {max_diff:.3g} (mean |Δ| {mean_diff:.3g})", tolerance,
                                           max_diff))
-        if step == decode_steps:
-            break
-        nxt = torch_logits[:, -1].float().argmax(-1).reshape(batch, 1).numpy()
-        total = length + step + 1
-        mask = np.ones((batch, total), dtype=np.int64)
-        positions = np.full((batch, 1), total - 1, dtype=np.int64)
-        onnx_logits, past = decoder(nxt, mask, positions, past)
-        torch_logits, cache = torch_step(model, nxt, mask, positions, cache)
+    if np.isfinite(ties.first).any():
+        rows[0]["router_ties"] = [{"prompt": int(row), "position": int(position)}
+                                  for row, position in enumerate(ties.first) if np.isfinite(position)]
     return rows, failures
 
 
@@ -182,7 +253,8 @@ def check_generation(decoder: OrtDecoder, model, prompts: torch.Tensor, new_toke
     results, failures = [], []
     for index, prompt in enumerate(prompts):
         onnx_tokens = greedy_ort(decoder, prompt.numpy(), new_tokens, eos)
-        torch_tokens, torch_logits = greedy_torch(model, prompt, new_tokens, eos)
+        with RouterTies(model, 1) as ties:
+            torch_tokens, torch_logits = greedy_torch(model, prompt, new_tokens, eos)
         first = next((i for i, (a, b) in enumerate(zip(onnx_tokens, torch_tokens)) if a != b), None)
         if first is None and len(onnx_tokens) != len(torch_tokens):
             first = min(len(onnx_tokens), len(torch_tokens))
@@ -200,6 +272,9 @@ def check_generation(decoder: OrtDecoder, model, prompts: torch.Tensor, new_toke
         if margin is not None and margin <= atol:
             result["near_tie"] = True
             continue
+        if ties.first[0] <= len(prompt) - 1 + first:  # an exact router tie at or before the token that differs
+            result["router_tie"] = int(ties.first[0])
+            continue
         by = f"new token {first} differs (ONNX {got if got is not None else 'end'}, " \
              f"PyTorch {want if want is not None else 'end'}"
         by += f"; PyTorch prefers its token by {margin:.3g} in logits)" if margin is not None else ")"
@@ -207,7 +282,8 @@ def check_generation(decoder: OrtDecoder, model, prompts: torch.Tensor, new_toke
                                       f"identical first {new_tokens} greedy tokens (or a near tie within {atol:.0e})"))
     summary = {"new_tokens": new_tokens, "prompts": len(results),
                "identical": sum(r["identical"] for r in results),
-               "near_ties": sum(bool(r.get("near_tie")) for r in results), "passed": not failures,
+               "near_ties": sum(bool(r.get("near_tie")) for r in results),
+               "router_ties": sum("router_tie" in r for r in results), "passed": not failures,
                "per_prompt": results}
     return summary, failures
 

@@ -142,3 +142,65 @@ def test_cuda_parity(exported):
                              decode_repeats=3)
     assert report["passed"], report["failures"]
     assert report["memory"]["session"].get("device_bytes") is not None
+
+
+# --- exact router ties (docs/validation.md#router-ties) -------------------------------------------------------------
+
+
+def test_router_ties_mark_the_first_tied_position_of_each_prompt():
+    """A router of zeros ties every token from the first; a random router ties none."""
+    from mone_export.adapters import moe_layers_or_error
+    from mone_export.validate import RouterTies
+    from tiny_models import tiny_batches as batches_of, tiny_model as model_of
+
+    model = model_of("mixtral", seed=3)
+    ids = batches_of(num=1, batch=3, seq=6)[0]
+    with RouterTies(model, 3) as ties, torch.no_grad():
+        model(input_ids=ids)
+    assert np.isinf(ties.first).all()
+    with torch.no_grad():
+        moe_layers_or_error(model)[1][1].router.weight.zero_()
+    with RouterTies(model, 3) as ties, torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, :1], cache=out.cache)  # a decode step: positions 6 on
+    assert ties.first.tolist() == [0, 0, 0]
+
+
+def _cli_report(folder, out, capsys):
+    import json
+
+    from mone_export.cli import main
+
+    code = main(["--model", str(folder), "--ratio", "0.5", "--calib", "random", "--calib-samples", "4", "--seq-len",
+                 "16", "-o", str(out), "--quiet", "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_a_router_tie_in_a_prompt_is_not_a_parity_failure(tmp_path, capsys):
+    """Llama 4 with a zero pad embedding: where a chunk starts at a pad token, layer 0's router sees zeros and ties;
+    ONNX's TopK and PyTorch's topk choose different novices there. Positions from the tie on are not compared,
+    and the report says where the tie was."""
+    from tiny_models import tiny_model_of
+
+    tiny_model_of("llama4_text", pad_token_id=0).save_pretrained(tmp_path / "model")
+    code, report = _cli_report(tmp_path / "model", tmp_path / "out", capsys)
+    validation = report["validation"]
+    assert code == 0 and report["passed"] is True, validation["failures"]
+    assert validation["logits"][0]["router_ties"], "the prompts met no tie: the test no longer tests it"
+    prompts, tokens = validation["prompts"]["count"], validation["prompts"]["tokens"]
+    steps = len(validation["logits"]) - 1
+    assert sum(row["compared_positions"] for row in validation["logits"]) < prompts * (tokens + steps)
+
+
+def test_an_untrained_router_cannot_be_validated(tmp_path, capsys):
+    """AFMoE initialises its router at zero: every token ties, nothing is left to compare, and validation fails
+    saying so (rather than passing on no evidence)."""
+    import transformers
+
+    from tiny_models import tiny_config_of
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config_of("afmoe")).save_pretrained(tmp_path / "model")
+    code, report = _cli_report(tmp_path / "model", tmp_path / "out", capsys)
+    assert code == 1 and report["passed"] is False
+    assert "exact router tie" in report["validation"]["failures"][0]["difference"]
