@@ -221,6 +221,49 @@ def gqa_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+GQA_PROBE_TOLERANCE = (1e-4, 1e-3)
+"""(absolute, relative to the largest |logit|): how far the fused form's logits on the probe prompt may be from the
+model's own attention. Real differences (a window the kernel does not apply) move logits by tenths of their scale;
+two correct attentions in float32 differ by rounding."""
+
+GQA_PROBE_MAX_TOKENS = 160
+"""The probe prompt's length at most (twice the window or chunk plus a few tokens, where that is shorter)."""
+
+
+def gqa_mismatch(model: nn.Module) -> str | None:
+    """Why the fused attention does not compute the model's attention, measured, or None when it does.
+
+    The model runs a random prompt longer than its sliding window (or chunk; at most :data:`GQA_PROBE_MAX_TOKENS`)
+    twice in PyTorch: with its own attention, and as the export traces it with one ``GroupQueryAttention`` per layer
+    (the kernel's arithmetic in PyTorch). A family whose attention the kernel does not express (a window applied by
+    the mask alone, PhiMoE; chunked attention or a norm after the rotary, Llama 4) differs here, before anything is
+    exported. A window longer than the probe is not tested by it.
+    """
+    from mone_export.export import DecoderWithCache, cache_shapes, export_patches
+
+    config = model.config
+    spans = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+    length = min(int(getattr(config, "max_position_embeddings", 64) or 64), GQA_PROBE_MAX_TOKENS,
+                 2 * max([8, *filter(None, spans)]) + 5)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(config.vocab_size), (1, length), generator=generator)
+    mask, positions = torch.ones_like(ids), torch.arange(length)[None]
+    parameter = next(model.parameters())
+    past = [torch.zeros(1, spec.heads, 0, dim, dtype=parameter.dtype, device=parameter.device)
+            for spec in cache_shapes(config) for dim in (spec.key_dim, spec.value_dim)]
+    with torch.no_grad():
+        with export_patches(model, attention="plain"):
+            expected = DecoderWithCache(model, "plain")(ids, mask, positions, past)[0]
+        with export_patches(model, attention="gqa"):
+            actual = DecoderWithCache(model, "gqa")(ids, mask, positions, past)[0]
+    difference = float((actual.float() - expected.float()).abs().max())
+    absolute, relative = GQA_PROBE_TOLERANCE
+    if difference <= absolute + relative * float(expected.float().abs().max()):
+        return None
+    return (f"GroupQueryAttention does not compute its attention: on a {length}-token probe the logits differ by "
+            f"{difference:.2g} (a window, chunk or norm the kernel does not express)")
+
+
 def check_attention_form(form: str) -> None:
     """A UsageError unless ``form`` is one of :data:`ATTENTION_FORMS`."""
     from mone_export.errors import UsageError
@@ -236,7 +279,7 @@ def resolve_attention(form: str, model: nn.Module) -> str:
     check_attention_form(form)
     if form == "plain":
         return "plain"
-    reason = gqa_unsupported_reason(model)
+    reason = gqa_unsupported_reason(model) or gqa_mismatch(model)
     if reason is None:
         return "gqa"
     if form == "auto":
@@ -257,13 +300,15 @@ class RotaryCache:
 def rotary_cache(model: nn.Module) -> RotaryCache | None:
     """The kernel's ``cos_cache`` / ``sin_cache [max_position_embeddings, D/2]`` (float32) computed by the model's
     own rotary embedding, or None where the kernel cannot take the model's rotary: more than one rotary module, a
-    type whose angles depend on the sequence length, a rotary narrower than the head (partial rotary), or angles
-    that are not duplicated across the two halves (the ``rotate_half`` form)."""
+    type whose angles depend on the sequence length (or one type per layer type), a rotary narrower than the head
+    (partial rotary), complex angles, or angles that are not duplicated across the two halves (the ``rotate_half``
+    form)."""
     from mone_export.export import cache_shapes
 
     rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     specs = cache_shapes(model.config)
-    if len(rotaries) != 1 or getattr(rotaries[0], "rope_type", None) not in STATIC_ROPE_TYPES:
+    rope_type = getattr(rotaries[0], "rope_type", None) if len(rotaries) == 1 else None
+    if not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES:  # per layer type: a dict of them
         return None
     dims = {spec.key_dim for spec in specs}
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -273,7 +318,10 @@ def rotary_cache(model: nn.Module) -> RotaryCache | None:
     half = dim // 2
     with torch.no_grad():
         probe = torch.zeros(1, 1, dtype=torch.float32, device=rotaries[0].inv_freq.device)
-        cos, sin = (t[0].float() for t in rotaries[0](probe, torch.arange(positions, device=probe.device)[None]))
+        angles = rotaries[0](probe, torch.arange(positions, device=probe.device)[None])
+    if not (isinstance(angles, tuple) and len(angles) == 2):  # complex angles (Llama 4): not the kernel's cos / sin
+        return None
+    cos, sin = (t[0].float() for t in angles)
     if cos.shape[-1] == dim and torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:]):
         return RotaryCache(cos[:, :half].contiguous(), sin[:, :half].contiguous(), duplicated=True)
     if cos.shape[-1] == half:  # a family that keeps half-width angles (gpt-oss)

@@ -162,3 +162,28 @@ def test_pipeline_and_genai(tmp_path):
     tokens = [int(t) for t in generator.get_sequence(0)[len(prompt):]]
     want, _ = greedy_torch(model, torch.tensor(prompt), 16, set())
     assert tokens == list(want)[: len(tokens)] and len(tokens) == 16
+
+
+# --- families the kernel does or does not express, measured (fused_attention.gqa_mismatch) --------------------------
+
+
+@pytest.mark.parametrize("model_type, expected", [("phimoe", "plain"), ("llama4_text", "plain"),
+                                                  ("beam", "gqa"), ("gemma4_text", "gqa")])
+def test_auto_takes_the_fused_attention_only_where_it_computes_the_model(model_type, expected, tmp_path, capsys):
+    """PhiMoE applies its window through the mask alone and Llama 4 chunks its attention and norms after the rotary:
+    the probe measures the difference, ``auto`` keeps plain attention and ``gqa`` is refused with the number. Beam
+    and Gemma 4 (a rotary type per layer type: rotary left in the graph) fuse and pass their validation."""
+    import json
+
+    from mone_export.cli import main
+    from tiny_models import tiny_model_of
+
+    folder = tmp_path / model_type
+    tiny_model_of(model_type, head_dim=16).save_pretrained(folder)
+    calib = ["--ratio", "0.5", "--calib", "random", "--calib-samples", "4", "--seq-len", "16", "--quiet"]
+    code = main(["--model", str(folder), *calib, "--attention", "auto", "-o", str(tmp_path / "auto"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] is True and report["attention"] == expected
+    if expected == "plain":
+        assert main(["--model", str(folder), *calib, "--attention", "gqa", "-o", str(tmp_path / "gqa")]) == 2
+        assert "does not compute its attention" in capsys.readouterr().err
