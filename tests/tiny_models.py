@@ -148,11 +148,11 @@ def tiny_model_of(model_type: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         tiny_config_of(model_type, **overrides), attn_implementation="eager", experts_implementation="eager")
-    from mone_export.adapters import get_adapter
+    from mone_export.adapters import ROUTER_ATTRS
 
-    with torch.no_grad():
-        for layer in get_adapter(model).moe_layers(model):
-            for weight in layer.router.parameters():
-                if weight.dim() == 2 and not weight.any():
-                    weight.normal_(0.0, 0.2)
+    with torch.no_grad():  # by name, not through the adapter: that would put Llama 4's blocks into standard form
+        for name, weight in model.named_parameters():
+            parts = name.split(".")
+            if any(part in ROUTER_ATTRS for part in parts[-3:-1]) and weight.dim() == 2 and not weight.any():
+                weight.normal_(0.0, 0.2)
     return model.eval()
