@@ -411,21 +411,16 @@ def _gelu_symbolic(stock):
 
 
 def _cumsum_symbolic(stock):
-    """``aten::cumsum`` of a bool tensor (the chunked-attention mask's left-padding count, Llama 4): ``CumSum`` of
-    its int64 cast, as PyTorch sums booleans into int64; ONNX's ``CumSum`` takes no bool. Other inputs take the
-    stock symbolic."""
-    from torch.onnx import symbolic_helper
+    """``aten::cumsum`` of a bool tensor (the chunked-attention mask's left-padding count, Llama 4): the stock
+    symbolic on its int64 cast, as PyTorch sums booleans into int64; ONNX's ``CumSum`` takes no bool. Other inputs
+    take the stock symbolic unchanged."""
     from torch.onnx._internal.torchscript_exporter import _type_utils
 
     def symbolic(g, input, dim, dtype=None):
-        undefined = _type_utils.JitScalarType.UNDEFINED
-        if _type_utils.JitScalarType.from_value(input, undefined) != _type_utils.JitScalarType.BOOL:
-            return stock(g, input, dim, dtype)
-        if dtype is not None and not symbolic_helper._is_none(dtype):
-            return stock(g, input, dim, dtype)  # an explicit dtype: the stock symbolic casts to it
-        widened = g.op("Cast", input, to_i=_type_utils.JitScalarType.INT64.onnx_type())
-        axis = g.op("Constant", value_t=torch.tensor(symbolic_helper._get_const(dim, "i", "dim"), dtype=torch.int64))
-        return g.op("CumSum", widened, axis)
+        if _type_utils.JitScalarType.from_value(input, _type_utils.JitScalarType.UNDEFINED) == \
+                _type_utils.JitScalarType.BOOL:
+            input = g.op("Cast", input, to_i=_type_utils.JitScalarType.INT64.onnx_type())
+        return stock(g, input, dim, dtype)
 
     return symbolic
 
