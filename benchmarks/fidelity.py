@@ -27,7 +27,7 @@ from mone_export import apply_plan, calibration_batches, collect_stats, load_mod
 from mone_export.evaluate import EVAL_SETTINGS, eval_batches
 from mone_export.loading import BUNDLED_MODELS
 
-METHODS = ["mone", "mone-zero", "frequency", "routing-score", "reap", "random"]
+METHODS = ["mone", "mone-zero", "ne", "frequency", "routing-score", "reap", "random"]
 SOURCES = ["python-code", "python-docs"]
 RANDOM_SEEDS = [0, 1, 2]
 
@@ -113,20 +113,45 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def wins(rows: list[dict]) -> dict:
-    """How often MoNE has the lowest perplexity among all methods, per model, over every setting and source."""
+REMOVAL = ["frequency", "routing-score", "reap", "random"]
+"""The removal baselines every router-kept method is measured against."""
+
+
+def cells(rows: list[dict], models=None):
+    """Every (model, ratio, calibration source, samples, evaluation source) cell: {method: held-out ppl}."""
     out = {}
-    for name in dict.fromkeys(r["model"] for r in rows):
-        won = total = 0
-        settings = {(r["ratio"], r["calib"], r["samples"]) for r in rows if r["model"] == name and r["ratio"] > 0}
-        for ratio, calib, samples in settings:
-            sel = [r for r in rows if r["model"] == name and (r["ratio"], r["calib"], r["samples"]) == (ratio, calib, samples)]
-            for s in SOURCES:
-                best = min(sel, key=lambda r: r[f"{s}_ppl"])
-                won += best["method"] == "mone"
-                total += 1
-        out[name] = {"mone_best": won, "settings": total}
+    for r in rows:
+        if r["ratio"] == 0 or (models is not None and r["model"] not in models):
+            continue
+        for s in SOURCES:
+            out.setdefault((r["model"], r["ratio"], r["calib"], r["samples"], s), {})[r["method"]] = r[f"{s}_ppl"]
     return out
+
+
+def summary(rows: list[dict], models=None) -> dict:
+    """Per router-kept method: the cells where it has a lower perplexity than every removal baseline (and the
+    share), its mean rank among all methods (1 = best), and per model the ratio of its mean perplexity increase at
+    ratio 0.25 to frequency pruning's (the issue's bar: at most 0.5)."""
+    table = cells(rows, models)
+    names = sorted({key[0] for key in table})
+    base = {r["model"]: r for r in rows if r["method"] == "unpruned"}
+    result = {"cells": len(table)}
+    for method in [m for m in METHODS if m not in REMOVAL]:
+        present = {key: ppl for key, ppl in table.items() if method in ppl}
+        won = sum(all(ppl[method] < ppl[b] for b in REMOVAL if b in ppl) for ppl in present.values())
+        ranks = [1 + sum(v < ppl[method] for m, v in ppl.items() if m != method) for ppl in present.values()]
+        increase = {}
+        for name in names:
+            quarter = [(key, ppl) for key, ppl in present.items() if key[0] == name and key[1] == 0.25 and "frequency" in ppl]
+            if quarter:
+                ours = statistics.mean(ppl[method] - base[name][f"{key[4]}_ppl"] for key, ppl in quarter)
+                theirs = statistics.mean(ppl["frequency"] - base[name][f"{key[4]}_ppl"] for key, ppl in quarter)
+                increase[name] = ours / theirs if theirs > 0 else None
+        result[method] = {"beats_every_removal": won, "of": len(present),
+                          "share": won / len(present) if present else None,
+                          "mean_rank": statistics.mean(ranks) if ranks else None,
+                          "increase_vs_frequency_at_0.25": increase}
+    return result
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -179,7 +204,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     rows = [row for name in args.models for row in run_model(name, args, log)]
     result = {"settings": {**vars(args), "eval": EVAL_SETTINGS, "random_seeds": RANDOM_SEEDS},
-              "rows": rows, "mone_wins": wins(rows), "seconds": round(time.perf_counter() - started, 1)}
+              "rows": rows, "summary": summary(rows), "seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -187,7 +212,7 @@ def main(argv=None) -> dict:
     (out / "fidelity.md").write_text(table)
     plot(rows, out / "fidelity.png")
     print(table)
-    print(json.dumps(result["mone_wins"]))
+    print(json.dumps(result["summary"], indent=1))
     return result
 
 

@@ -103,20 +103,23 @@ def check_exportable(config) -> None:
 def architecture_table() -> str:
     """The README's table: every type with the experts interface, what works (prune, export with ONNX Runtime
     parity, the pruning methods) and, where something does not yet, why."""
+    from mone_export.scoring import METHODS
+
+    router_kept = ", ".join(name for name, method in METHODS.items() if method.keeps_router)
     rows = ["| model_type | prune | export | methods | note |", "| --- | --- | --- | --- | --- |"]
     for model_type in sorted({*COVERED, *PRUNE_ONLY, *EXCLUDED, *TEXT_MODEL_OF}):
         if model_type in TEXT_MODEL_OF:
             text = TEXT_MODEL_OF[model_type]
             prune, export = ("yes", "yes") if text in COVERED else ("yes", "no")
-            methods = "mone, mone-zero" if text in ROUTER_KEPT else "all" if text in COVERED else "mone"
+            methods = router_kept if text in ROUTER_KEPT or text not in COVERED else "all"
             does = "loads, prunes and exports" if text in COVERED else "loads and prunes"
             rows.append(f"| `{model_type}` | {prune} | {export} | {methods} | multimodal: {does} as its text model, "
                         f"`{text}` |")
         elif model_type in COVERED:
-            methods = "mone, mone-zero" if model_type in ROUTER_KEPT else "all"
+            methods = router_kept if model_type in ROUTER_KEPT else "all"
             rows.append(f"| `{model_type}` | yes | yes | {methods} | {ROUTER_KEPT.get(model_type, '')} |")
         elif model_type in PRUNE_ONLY:
-            rows.append(f"| `{model_type}` | yes | no | mone | {PRUNE_ONLY[model_type]} |")
+            rows.append(f"| `{model_type}` | yes | no | {router_kept} | {PRUNE_ONLY[model_type]} |")
         else:
             rows.append(f"| `{model_type}` | no | no | | {EXCLUDED[model_type]} |")
     outside = "; ".join(f"`{name}` ({why})" for name, why in sorted(OUTSIDE_INTERFACE.items()))

@@ -77,6 +77,7 @@ class PruningPlan:
                 "routing_score": layer.routing_score.tolist(),
                 "phi_var": layer.phi_var.tolist(),
                 "reap": layer.reap.tolist(),
+                "novice_error": layer.novice_error.tolist(),
             }
         first = next(iter(stats.layers.values()))
         model = {

@@ -20,13 +20,15 @@ __all__ = ["Method", "METHODS", "SCOPES", "method_or_error", "scope_or_error", "
 class Method:
     """A pruning method: how experts are scored and what replaces a pruned one.
 
-    ``replacement`` is ``"novice"`` (constant mean output, router kept), ``"zero"`` (dropped, router kept)
-    or ``"remove"`` (expert and its router row deleted).
+    ``replacement`` is ``"novice"`` (a constant output, router kept), ``"zero"`` (dropped, router kept)
+    or ``"remove"`` (expert and its router row deleted). ``novice_of`` gives a layer's ``[E, H]`` novice
+    constants (the plain mean of each expert's output for MoNE).
     """
 
     name: str
     score: Callable[[LayerStats, np.random.Generator], np.ndarray]
     replacement: str
+    novice_of: Callable[[LayerStats], np.ndarray] = lambda stats: stats.mean
 
     @property
     def keeps_router(self) -> bool:
@@ -43,6 +45,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("mone", _mone_score, "novice"),
         Method("mone-zero", _mone_score, "zero"),
+        # Novice error: the layer-output error each novice causes, with the constant that minimises it.
+        Method("ne", lambda s, rng: s.novice_error, "novice", novice_of=lambda stats: stats.weighted_mean),
         Method("frequency", lambda s, rng: s.frequency, "remove"),
         Method("routing-score", lambda s, rng: s.routing_score, "remove"),
         Method("reap", lambda s, rng: s.reap, "remove"),
@@ -155,7 +159,7 @@ def _novice_vectors(stats: ExpertStats, pruned: dict[int, list[int]], method: Me
         return {}
     vectors = {}
     for index, experts in pruned.items():
-        means = stats.layers[index].mean[experts]
+        means = method.novice_of(stats.layers[index])[experts]
         if method.replacement == "zero":
             means = np.zeros_like(means)
         vectors[index] = torch.from_numpy(means.astype(np.float32))
@@ -168,7 +172,7 @@ def plan_pruning(stats: ExpertStats, ratio: float, method: str = "mone", scope: 
     Args:
         stats: calibration statistics from :func:`mone_export.collect_stats`.
         ratio: fraction of routed experts per MoE layer to prune, in [0, 1).
-        method: ``mone`` (default), ``mone-zero``, ``frequency``, ``routing-score``, ``reap`` or ``random``.
+        method: ``mone`` (default), ``mone-zero``, ``ne`` (novice error), ``frequency``, ``routing-score``, ``reap`` or ``random``.
         scope: ``layer`` (floor(ratio·E) per layer) or ``global`` (same total, ranked across layers).
         seed: seed of the ``random`` method.
 

@@ -41,10 +41,14 @@ class LayerStats:
     reap_sum: np.ndarray = None  # [E] sum over R_e of g_e(x) * ||f_e(x)||
     mean: np.ndarray = None  # [E, H] running mean of f_e over R_e
     m2: np.ndarray = None  # [E, H] running sum of squared deviations from the mean
+    sq_weight_sum: np.ndarray = None  # [E] Σ over R_e of g_e(x)²
+    weighted_mean: np.ndarray = None  # [E, H] the g_e²-weighted mean of f_e over R_e
+    weighted_m2: np.ndarray = None  # [E, H] Σ over R_e of g_e(x)² (f_e(x) − weighted_mean_e)²
 
     def __post_init__(self):
         e, h = self.num_experts, self.hidden_size
-        for name, shape in (("count", (e,)), ("routing_sum", (e,)), ("reap_sum", (e,)), ("mean", (e, h)), ("m2", (e, h))):
+        for name, shape in (("count", (e,)), ("routing_sum", (e,)), ("reap_sum", (e,)), ("mean", (e, h)), ("m2", (e, h)),
+                            ("sq_weight_sum", (e,)), ("weighted_mean", (e, h)), ("weighted_m2", (e, h))):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(shape, dtype=np.int64 if name == "count" else np.float64))
 
@@ -66,6 +70,20 @@ class LayerStats:
         self.m2[expert] += batch_m2 + delta**2 * (self.count[expert] * n / total)
         self.count[expert] = total
         self.reap_sum[expert] += float(np.dot(weights, np.linalg.norm(outputs, axis=1)))
+        self._add_weighted(expert, outputs, weights**2)
+
+    def _add_weighted(self, expert: int, outputs: np.ndarray, sq_weights: np.ndarray) -> None:
+        """West's weighted form of Chan's update for the g²-weighted mean and sum of squared deviations."""
+        batch_weight = float(sq_weights.sum())
+        if batch_weight == 0.0:  # every token of the batch has weight 0: it moves no weighted statistic
+            return
+        batch_mean = sq_weights @ outputs / batch_weight
+        batch_m2 = sq_weights @ (outputs - batch_mean) ** 2
+        total = self.sq_weight_sum[expert] + batch_weight
+        delta = batch_mean - self.weighted_mean[expert]
+        self.weighted_mean[expert] += delta * (batch_weight / total)
+        self.weighted_m2[expert] += batch_m2 + delta**2 * (self.sq_weight_sum[expert] * batch_weight / total)
+        self.sq_weight_sum[expert] = total
 
     def merge(self, other: "LayerStats") -> None:
         """Add the statistics ``other`` collected on other tokens (another rank's): Chan et al.'s pairwise update
@@ -78,6 +96,12 @@ class LayerStats:
         self.m2 += other.m2 + delta**2 * (self.count.astype(np.float64) * other.count / safe[:, 0])[:, None]
         self.mean += delta * (other.count[:, None] / safe)
         self.count = total
+        weight = self.sq_weight_sum + other.sq_weight_sum
+        safe_weight = np.where(weight > 0, weight, 1.0)
+        delta = other.weighted_mean - self.weighted_mean
+        self.weighted_m2 += other.weighted_m2 + delta**2 * (self.sq_weight_sum * other.sq_weight_sum / safe_weight)[:, None]
+        self.weighted_mean += delta * (other.sq_weight_sum / safe_weight)[:, None]
+        self.sq_weight_sum = weight
         self.num_tokens += other.num_tokens
         self.routing_sum += other.routing_sum
         self.reap_sum += other.reap_sum
@@ -102,6 +126,12 @@ class LayerStats:
     def phi_var(self) -> np.ndarray:
         """sqrt(Σ_d var_e[d])."""
         return np.sqrt(self.var.sum(axis=1))
+
+    @property
+    def novice_error(self) -> np.ndarray:
+        """(1/N) Σ over R_e of g_e(x)² ‖f_e(x) − c_e‖², c_e = ``weighted_mean``: the mean squared change of the layer
+        output when expert e alone becomes the novice c_e, the constant that makes that change smallest."""
+        return self.weighted_m2.sum(axis=1) / max(self.num_tokens, 1)
 
     @property
     def reap(self) -> np.ndarray:

@@ -21,6 +21,7 @@ from mone_export.adapters import expert_forward, moe_layers_or_error
 from mone_export.architectures import (COVERED, EXCLUDED, PRUNE_ONLY, ROUTER_KEPT, TEXT_MODEL_OF,
                                        architecture_table, experts_interface_types)
 from mone_export.errors import UsageError
+from mone_export.scoring import METHODS
 from mone_export.export import export_onnx
 from tiny_models import tiny_batches, tiny_model_of
 
@@ -106,15 +107,19 @@ def test_the_readme_table_is_the_registry():
 
 @pytest.mark.parametrize("model_type", sorted(PRUNE_ONLY))
 def test_prune_only_types_prune(model_type):
-    """The one expert formula reproduces the model, and a MoNE plan applies and runs."""
+    """The one expert formula reproduces the model, and a plan of every router-kept method (the README table's
+    claim for these types) applies and runs."""
     test_the_one_expert_formula_reproduces_the_model(model_type)
     model = tiny_model_of(model_type)
     batches = tiny_batches(vocab_size=model.config.vocab_size)
-    plan = plan_pruning(collect_stats(model, batches, progress=False), 1 / 3, "mone")
-    apply_plan(model, plan)
-    assert all(len(pruned) == 2 for pruned in plan.pruned.values())
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=batches[0]).logits).all()
+    stats = collect_stats(model, batches, progress=False)
+    for method in [name for name, chosen in METHODS.items() if chosen.keeps_router]:
+        plan = plan_pruning(stats, 1 / 3, method)
+        pruned_model = tiny_model_of(model_type)
+        apply_plan(pruned_model, plan)
+        assert all(len(pruned) == 2 for pruned in plan.pruned.values())
+        with torch.no_grad():
+            assert torch.isfinite(pruned_model(input_ids=batches[0]).logits).all(), method
 
 
 @pytest.mark.parametrize("model_type", COVERED)

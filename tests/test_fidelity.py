@@ -34,3 +34,27 @@ def test_reduced_fidelity_run_matches_the_card():
             assert 0.0 < row[f"{source}_agreement"] < 1.0
     table = fidelity.markdown(rows)
     assert "| 0.5 | mone |" in table and "| 0.5 | frequency |" in table
+
+
+def test_summary_counts_cells_won_against_every_removal_baseline():
+    """Hand-made rows: two cells per evaluation source; 'ne' beats every removal method in three of four."""
+    fidelity = _fidelity()
+    rows = [{"model": "m", "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
+             "python-code_ppl": 10.0, "python-docs_ppl": 20.0}]
+    table = {  # (calib, code ppl, docs ppl) per method, one ratio 0.25
+        "ne": [("python-code", 11.0, 21.0), ("python-docs", 12.0, 30.0)],
+        "mone": [("python-code", 13.0, 22.0), ("python-docs", 11.5, 23.0)],
+        "frequency": [("python-code", 14.0, 24.0), ("python-docs", 14.0, 24.0)],
+        "reap": [("python-code", 12.0, 25.0), ("python-docs", 12.5, 26.0)],
+    }
+    for method, entries in table.items():
+        for calib, code, docs in entries:
+            rows.append({"model": "m", "ratio": 0.25, "method": method, "calib": calib, "samples": 8,
+                         "python-code_ppl": code, "python-docs_ppl": docs})
+    result = fidelity.summary(rows)
+    assert result["cells"] == 4
+    assert result["ne"]["beats_every_removal"] == 3 and result["ne"]["of"] == 4
+    assert result["mone"]["beats_every_removal"] == 3  # loses code/python-code to reap (13 > 12)
+    assert math.isclose(result["ne"]["mean_rank"], (1 + 2 + 1 + 4) / 4)
+    # mean increase over the four cells: ne (1 + 2 + 1 + 10) / 4 = 3.5, frequency (4 + 4 + 4 + 4) / 4 = 4
+    assert math.isclose(result["ne"]["increase_vs_frequency_at_0.25"]["m"], 3.5 / 4)

@@ -137,7 +137,73 @@ def test_random_is_seeded():
 
 
 def test_every_method_is_known():
-    assert set(METHODS) == {"mone", "mone-zero", "frequency", "routing-score", "reap", "random"}
+    assert set(METHODS) == {"mone", "mone-zero", "ne", "frequency", "routing-score", "reap", "random"}
+
+
+def test_ne_scores_the_weighted_error_and_keeps_the_weighted_mean():
+    """Expert 0 spreads widely, but only on tokens of tiny weight: the error its novice causes is small, so NE
+    prunes it while MoNE (mean weight × spread) prunes expert 1; NE's novice is the g²-weighted mean."""
+    g0, f0 = np.array([0.01, 0.01, 1.0, 1.0]), np.array([[10.0], [-10.0], [0.5], [0.5]])
+    g1, f1 = np.array([1.0, 1.0]), np.array([[0.0], [1.0]])
+    layer = LayerStats(2, 1, 1)
+    layer.add_tokens(6, np.array([g0.sum(), g1.sum()]))
+    layer.add_expert_outputs(0, f0, g0)
+    layer.add_expert_outputs(1, f1, g1)
+    stats = stats_of(layer)
+    c0 = (g0**2) @ f0[:, 0] / (g0**2).sum()
+    errors = [(g0**2) @ (f0[:, 0] - c0) ** 2 / 6, (g1**2) @ (f1[:, 0] - 0.5) ** 2 / 6]
+    plan = plan_pruning(stats, 0.5, "ne")
+    np.testing.assert_allclose(plan.experts[1]["score"], errors, rtol=1e-12)
+    assert plan.pruned == {1: [0]}
+    np.testing.assert_allclose(plan.novices[1].numpy(), [[c0]], rtol=1e-6)
+    assert abs(c0 - f0.mean()) > 0.1
+    assert plan_pruning(stats, 0.5, "mone").pruned == {1: [1]}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_ne_score_is_the_measured_change_of_the_layer_output(family):
+    """One expert per layer becomes its NE novice: the mean squared change of each MoE block's output on the
+    calibration tokens (the block run on its recorded inputs, before and after) equals that expert's score, and
+    the weighted mean beats the plain mean as the constant."""
+    from mone_export import apply_plan, collect_stats
+    from mone_export.adapters import moe_layers_or_error
+    from tiny_models import tiny_batches, tiny_model
+
+    model = tiny_model(family, seed=3).double()
+    batches = tiny_batches(num=2, batch=2, seq=11, seed=2)
+    _, layers = moe_layers_or_error(model)
+    inputs, outputs = {}, {}
+
+    def record(index):
+        def hook(module, args, out):
+            inputs[index] = args[0].detach().clone()
+            outputs[index] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return hook
+
+    hooks = [layer.block.register_forward_hook(record(layer.index)) for layer in layers]
+    stats = collect_stats(model, batches[:1], progress=False)
+    for hook in hooks:
+        hook.remove()
+    ratio = 1 / layers[0].num_experts
+    ne, mone = plan_pruning(stats, ratio, "ne"), plan_pruning(stats, ratio, "mone")
+    mone_like = plan_pruning(stats, ratio, "ne")
+    mone_like.novices = {i: torch.from_numpy(stats.layers[i].mean[experts].astype(np.float32))
+                         for i, experts in ne.pruned.items()}
+    errors = {}
+    for name, plan in (("ne", ne), ("plain mean", mone_like)):
+        pruned = tiny_model(family, seed=3).double()
+        apply_plan(pruned, plan)
+        _, pruned_layers = moe_layers_or_error(pruned)
+        with torch.no_grad():
+            for layer in pruned_layers:
+                out = layer.block(inputs[layer.index])
+                out = out[0] if isinstance(out, tuple) else out
+                errors[name, layer.index] = float(((out - outputs[layer.index]) ** 2).sum()) / stats.num_tokens
+    for index, experts in ne.pruned.items():
+        score = stats.layers[index].novice_error[experts[0]]
+        np.testing.assert_allclose(errors["ne", index], score, rtol=1e-5, atol=1e-12)
+        assert errors["ne", index] <= errors["plain mean", index] + 1e-12
+    assert ne.method == "ne" and mone.method == "mone"
 
 
 def test_unused_expert_has_zero_stats():

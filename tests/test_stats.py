@@ -49,7 +49,11 @@ def stats_and_brute_force(model, batches):
                 mean=f.mean(0) if count else np.zeros(layer.hidden_size),
                 var=f.var(0, ddof=1) if count > 1 else np.zeros(layer.hidden_size),
                 reap=(g * np.linalg.norm(f, axis=1)).mean() if count else 0.0,
+                sq_weight_sum=(g**2).sum(),
+                weighted_mean=(g**2) @ f / (g**2).sum() if count else np.zeros(layer.hidden_size),
             )
+            c = per[e]["weighted_mean"]
+            per[e]["novice_error"] = ((g**2)[:, None] * (f - c) ** 2).sum() / n
         result[layer.index] = (n, per)
     return stats, result
 
@@ -71,6 +75,9 @@ def test_stats_match_brute_force(family):
             np.testing.assert_allclose(layer.var[e], want["var"], rtol=1e-9, atol=1e-300)
             np.testing.assert_allclose(layer.phi_var[e], np.sqrt(want["var"].sum()), rtol=1e-9)
             np.testing.assert_allclose(layer.reap[e], want["reap"], rtol=1e-9)
+            np.testing.assert_allclose(layer.sq_weight_sum[e], want["sq_weight_sum"], rtol=1e-9)
+            np.testing.assert_allclose(layer.weighted_mean[e], want["weighted_mean"], rtol=1e-9, atol=1e-300)
+            np.testing.assert_allclose(layer.novice_error[e], want["novice_error"], rtol=1e-9, atol=1e-300)
         assert layer.count.sum() == n * layer.top_k
 
 
@@ -109,6 +116,12 @@ def test_llama4_stats_match_its_own_experts():
                 np.testing.assert_allclose(layer.mean[e], f.mean(0), rtol=1e-4, atol=1e-6)
             if len(token) > 1:
                 np.testing.assert_allclose(layer.var[e], f.var(0, ddof=1), rtol=1e-3, atol=1e-8)
+                # g²‖f − c‖² = ‖g·f − g·c‖²: the error of the output the model adds, g·f = expert_e(g·x)
+                w = (g**2).numpy()
+                c = w @ f / w.sum()
+                np.testing.assert_allclose(layer.weighted_mean[e], c, rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(layer.novice_error[e], (w[:, None] * (f - c) ** 2).sum() / len(hidden),
+                                           rtol=1e-3)
 
 
 def test_stats_do_not_depend_on_batching():
@@ -123,6 +136,9 @@ def test_stats_do_not_depend_on_batching():
         np.testing.assert_allclose(other.mean, layer.mean, rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(other.m2, layer.m2, rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(other.reap, layer.reap, rtol=1e-9)
+        np.testing.assert_allclose(other.sq_weight_sum, layer.sq_weight_sum, rtol=1e-12)
+        np.testing.assert_allclose(other.weighted_mean, layer.weighted_mean, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(other.weighted_m2, layer.weighted_m2, rtol=1e-9, atol=1e-15)
 
 
 def test_chan_merge_is_exact_for_offset_data():
@@ -133,6 +149,30 @@ def test_chan_merge_is_exact_for_offset_data():
     for chunk in np.array_split(data, 37):
         layer.add_expert_outputs(0, chunk, np.ones(len(chunk)))
     np.testing.assert_allclose(layer.var[0], data.var(0, ddof=1), rtol=1e-9)
+
+
+def test_weighted_merges_are_exact_for_offset_data_and_across_ranks():
+    """The g²-weighted mean and squared deviations (West's update), batch by batch and merged across two
+    'ranks' (LayerStats.merge), against the two-pass formula; tokens of weight 0 move nothing."""
+    rng = np.random.default_rng(1)
+    data = 1e6 + rng.standard_normal((999, 4))
+    g = rng.uniform(0.0, 1.0, 999)
+    g[::50] = 0.0
+    w = g**2
+    mean = w @ data / w.sum()
+    m2 = w @ (data - mean) ** 2
+    halves = []
+    for rows in (slice(0, 400), slice(400, None)):
+        layer = LayerStats(num_experts=2, hidden_size=4, top_k=1)
+        for chunk, weights in zip(np.array_split(data[rows], 13), np.array_split(g[rows], 13)):
+            layer.add_expert_outputs(1, chunk, weights)
+        halves.append(layer)
+    halves[0].merge(halves[1])
+    merged = halves[0]
+    np.testing.assert_allclose(merged.sq_weight_sum[1], w.sum(), rtol=1e-12)
+    np.testing.assert_allclose(merged.weighted_mean[1], mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.weighted_m2[1], m2, rtol=1e-8)
+    assert merged.sq_weight_sum[0] == 0 and not merged.weighted_mean[0].any() and not merged.weighted_m2[0].any()
 
 
 def test_collection_leaves_model_output_unchanged_and_restores_forward():
