@@ -104,6 +104,23 @@ FAMILIES = {
 DEFAULT_STEPS = {"mixtral": 800, "qwen2_moe": 800, "olmoe": 800, "deepseek_v2": 650, "dense": 800}
 """Steps per family: what fits in about 6-7 minutes on one (shared) CPU thread at the default batch."""
 
+PRESETS = {
+    "bundled": {"common": {}, "families": {}, "steps": {}},
+    # ~21M parameters, most of them in 16 routed experts per layer (as in real MoE models), ~4.6M active per
+    # token: the models of benchmarks/larger_models.py, not bundled.
+    "large": {
+        "common": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
+        "families": {
+            "mixtral": dict(head_dim=32, intermediate_size=256, num_local_experts=16),
+            "qwen2_moe": dict(intermediate_size=512, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+                              num_experts=16),
+            "olmoe": dict(intermediate_size=256, num_experts=16),
+        },
+        "steps": {"mixtral": 1500, "qwen2_moe": 1500, "olmoe": 1500},
+    },
+}
+"""Size presets: overrides of :data:`COMMON` and :data:`FAMILIES` (``bundled`` is the bundled models' recipe)."""
+
 
 # -- tokenizer -----------------------------------------------------------------------------------------
 
@@ -176,10 +193,11 @@ class ChunkSampler:
 # -- model -----------------------------------------------------------------------------------------------
 
 
-def build_config(family: str, tokenizer):
+def build_config(family: str, tokenizer, preset: str = "bundled"):
     import transformers
 
-    kwargs = {**COMMON, **FAMILIES[family]}
+    sizes = PRESETS[preset]
+    kwargs = {**COMMON, **sizes["common"], **FAMILIES[family], **sizes["families"].get(family, {})}
     model_type = kwargs.pop("model_type")
     if model_type == "llama":
         for key in ("output_router_logits", "router_aux_loss_coef"):
@@ -520,9 +538,14 @@ def parse_args(argv=None):
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--preset", default="bundled", choices=sorted(PRESETS),
+                        help="sizes: bundled (the bundled models) or large (~21M parameters, benchmarks only)")
     args = parser.parse_args(argv)
+    if args.preset != "bundled" and args.family not in PRESETS[args.preset]["families"]:
+        parser.error(f"--preset {args.preset} has sizes for {', '.join(sorted(PRESETS[args.preset]['families']))}, "
+                     f"not {args.family}")
     if args.steps is None:
-        args.steps = DEFAULT_STEPS[args.family]
+        args.steps = PRESETS[args.preset]["steps"].get(args.family, DEFAULT_STEPS[args.family])
     return args
 
 
@@ -542,7 +565,7 @@ def main(argv=None) -> int:
     stream = train_stream(tokenizer)
     log(f"train stream: {len(stream):,} tokens")
     sampler = ChunkSampler(stream, args.seq_len, args.batch_size, args.seed)
-    config = build_config(args.family, tokenizer)
+    config = build_config(args.family, tokenizer, args.preset)
     model = build_model(config, args.seed)
     params = parameter_counts(model)
     log(f"parameters: {params}")
@@ -568,6 +591,7 @@ def main(argv=None) -> int:
         "model_type": config.model_type,
         "command": command,
         "seed": args.seed,
+        "preset": args.preset,
         "architecture": architecture(config),
         "parameters": params,
         "tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer), "bos": EOS, "eos": EOS,

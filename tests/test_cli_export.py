@@ -167,6 +167,28 @@ def test_parity_failure_exits_1_and_never_replaces_the_previous_output(model_dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["strict", "strict.failed"]
 
 
+def test_method_ne_exports_and_validates_with_weighted_mean_novices(model_dir, tmp_path, capsys, fast_validation):
+    """``--method ne`` end to end: the export passes its parity gate, and its plan holds the g²-weighted means of
+    the statistics collected on the same calibration data (not the plain means MoNE uses)."""
+    import numpy as np
+
+    from mone_export import calibration_batches, collect_stats, load_model
+
+    out = tmp_path / "ne"
+    code, _, err = run(["--model", model_dir, "--ratio", "0.5", "--method", "ne", "-o", out, *CALIB, "--quiet"],
+                       capsys)
+    assert code == 0, err
+    plan = PruningPlan.load(out / "plan")
+    assert plan.method == "ne" and plan.replacement == "novice"
+    model, tokenizer = load_model(str(model_dir))
+    stats = collect_stats(model, calibration_batches("python-code", tokenizer, 6, 24, seed=0), progress=False)
+    for index, experts in plan.pruned.items():
+        layer = stats.layers[index]
+        np.testing.assert_allclose(plan.novices[index].numpy(), layer.weighted_mean[experts], rtol=1e-5, atol=1e-7)
+        assert not np.allclose(layer.weighted_mean[experts], layer.mean[experts], rtol=1e-3)
+        assert plan.pruned[index] == sorted(np.argsort(layer.novice_error, kind="stable")[:len(experts)].tolist())
+
+
 def test_ratio_zero_exports_the_unpruned_model(model_dir, tmp_path, capsys):
     out = tmp_path / "ref"
     code, stdout, err = run(["--model", model_dir, "--ratio", "0", "-o", out, "--calib", "random", *CALIB,

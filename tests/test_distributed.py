@@ -32,10 +32,12 @@ RANK_SCRIPT = textwrap.dedent('''
     model = LayerStreamedModel(folder) if streamed else load_model(folder)[0]
     stats = collect_stats_distributed(model, batches, progress=False)
     plan = plan_pruning(stats, 0.5, "mone")
-    layers = {str(i): {k: getattr(l, k).tolist() for k in ("count", "routing_sum", "reap_sum", "mean", "m2")}
+    ne_plan = plan_pruning(stats, 0.5, "ne")
+    layers = {str(i): {k: getattr(l, k).tolist() for k in ("count", "routing_sum", "reap_sum", "mean", "m2", "sq_weight_sum", "weighted_mean", "weighted_m2")}
               | {"num_tokens": l.num_tokens} for i, l in stats.layers.items()}
     with open(f"{out}.{dist.get_rank()}.json", "w") as handle:
-        json.dump({"pruned": {str(k): v for k, v in plan.pruned.items()}, "layers": layers,
+        json.dump({"pruned": {str(k): v for k, v in plan.pruned.items()},
+                   "ne_pruned": {str(k): v for k, v in ne_plan.pruned.items()}, "layers": layers,
                    "tokens": stats.calibration["tokens"]}, handle)
     dist.barrier()
     dist.destroy_process_group()
@@ -77,10 +79,11 @@ def test_two_gloo_ranks_merge_to_the_single_process_statistics_and_plan(tmp_path
         ranks = run_two_ranks(tmp_path, folder, mode)
         assert ranks[0] == ranks[1]  # every rank holds the same merged statistics
         assert ranks[0]["pruned"] == expected_plan and ranks[0]["tokens"] == 5 * 22
+        assert ranks[0]["ne_pruned"] == {str(k): v for k, v in plan_pruning(single, 0.5, "ne").pruned.items()}
         for index, layer in single.layers.items():
             merged = ranks[0]["layers"][str(index)]
             assert merged["num_tokens"] == layer.num_tokens
-            for key in ("count", "routing_sum", "reap_sum", "mean", "m2"):
+            for key in ("count", "routing_sum", "reap_sum", "mean", "m2", "sq_weight_sum", "weighted_mean", "weighted_m2"):
                 np.testing.assert_allclose(np.asarray(merged[key]), getattr(layer, key), rtol=1e-9,
                                            atol=1e-12 * float(np.abs(getattr(layer, key)).max() or 1), err_msg=key)
 
@@ -105,6 +108,9 @@ def test_merging_is_chans_update_against_brute_force():
             np.testing.assert_allclose(a.mean[expert], rows.mean(axis=0), rtol=1e-12)
             np.testing.assert_allclose(a.m2[expert], ((rows - rows.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(a.reap_sum, union.reap_sum, rtol=1e-12)
+    np.testing.assert_allclose(a.sq_weight_sum, union.sq_weight_sum, rtol=1e-12)
+    np.testing.assert_allclose(a.weighted_mean, union.weighted_mean, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(a.weighted_m2, union.weighted_m2, rtol=1e-10, atol=1e-15)
 
 
 def test_fewer_samples_than_ranks_is_a_usage_error_and_one_rank_is_a_plain_run():
