@@ -2,6 +2,12 @@
 
     python benchmarks/fidelity.py                     # full grid on the four bundled models
     python benchmarks/fidelity.py --models mixtral --ratios 0.5 --methods mone frequency --samples 8
+    python benchmarks/fidelity.py --models DIR/mixtral-s0 DIR/mixtral-s1 --held-out mixtral-s1 --samples 32 \
+        --out benchmarks/results/larger                # larger trained models (benchmarks/larger_models.py)
+
+``--models`` takes bundled names and model folders; a folder called ``{family}-s{seed}`` is one instance of a
+family, and the tables average a family's instances (seeds). ``--held-out`` names instances whose cells are
+summarised apart: what a default chosen on the other instances achieves on models it never saw.
 
 For every bundled model × ratio × calibration source × calibration samples × method, the pruned model is
 scored on the held-out splits of both built-in sources: perplexity, and top-1 next-token agreement with
@@ -16,6 +22,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import statistics
 import time
 from pathlib import Path
@@ -60,12 +67,23 @@ def evaluate(model, held_out, reference) -> dict:
     return out
 
 
+def instance_label(name: str) -> str:
+    """A bundled model's name, or a model folder's own name (``mixtral-s0``)."""
+    return Path(name).name
+
+
+def family_of(label: str) -> str:
+    """The family an instance belongs to: its label without a ``-s{seed}`` suffix."""
+    return re.sub(r"-s\d+$", "", label)
+
+
 def run_model(name, args, log) -> list[dict]:
     model, tokenizer = load_model(name)
+    name = instance_label(name)
     held_out = {s: eval_batches(tokenizer, s, **{k: v for k, v in EVAL_SETTINGS.items() if k != "split"})
                 for s in SOURCES}
     reference = {s: score(model, b) for s, b in held_out.items()}
-    rows = [{"model": name, "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
+    rows = [{"model": name, "family": family_of(name), "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
              **{f"{s}_ppl": reference[s]["ppl"] for s in SOURCES}, **{f"{s}_agreement": 1.0 for s in SOURCES}}]
     log.info("%s unpruned: %s", name, {s: round(reference[s]["ppl"], 3) for s in SOURCES})
     for calib in args.calib:
@@ -80,7 +98,8 @@ def run_model(name, args, log) -> list[dict]:
                         plan = plan_pruning(stats, ratio, method=method, seed=seed)
                         pruned = apply_plan(copy.deepcopy(model), plan)
                         results.append(evaluate(pruned, held_out, reference))
-                    row = {"model": name, "ratio": ratio, "method": method, "calib": calib, "samples": samples}
+                    row = {"model": name, "family": family_of(name), "ratio": ratio, "method": method, "calib": calib,
+                           "samples": samples}
                     for s in SOURCES:
                         row[f"{s}_ppl"] = statistics.mean(r[s]["ppl"] for r in results)
                         row[f"{s}_agreement"] = statistics.mean(r[s]["agreement"] for r in results)
@@ -91,17 +110,20 @@ def run_model(name, args, log) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One table per model and ratio: mean over calibration settings, plus MoNE's rank among the methods."""
+    """One table per family and ratio: means over calibration settings and the family's instances (seeds)."""
     lines = []
-    for name in dict.fromkeys(r["model"] for r in rows):
-        base = next(r for r in rows if r["model"] == name and r["method"] == "unpruned")
-        lines.append(f"\n**{name}** (unpruned held-out ppl: code {base['python-code_ppl']:.3f}, "
-                     f"docs {base['python-docs_ppl']:.3f})\n")
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == family]
+        base = {k: statistics.mean(r[k] for r in mine if r["method"] == "unpruned") for k in
+                ("python-code_ppl", "python-docs_ppl")}
+        instances = sorted({r["model"] for r in mine})
+        lines.append(f"\n**{family}** ({len(instances)} instance{'s' if len(instances) > 1 else ''}; unpruned "
+                     f"held-out ppl: code {base['python-code_ppl']:.3f}, docs {base['python-docs_ppl']:.3f})\n")
         lines.append("| ratio | method | ppl code | ppl docs | Δppl code | Δppl docs | top-1 agree code | top-1 agree docs |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for ratio in sorted({r["ratio"] for r in rows if r["model"] == name and r["ratio"] > 0}):
+        for ratio in sorted({r["ratio"] for r in mine if r["ratio"] > 0}):
             for method in METHODS:
-                sel = [r for r in rows if r["model"] == name and r["ratio"] == ratio and r["method"] == method]
+                sel = [r for r in mine if r["ratio"] == ratio and r["method"] == method]
                 if not sel:
                     continue
                 mean = {k: statistics.mean(r[k] for r in sel) for k in sel[0] if k.endswith(("_ppl", "_agreement"))}
@@ -129,11 +151,13 @@ def cells(rows: list[dict], models=None):
 
 
 def summary(rows: list[dict], models=None) -> dict:
-    """Per router-kept method: the cells where it has a lower perplexity than every removal baseline (and the
-    share), its mean rank among all methods (1 = best), and per model the ratio of its mean perplexity increase at
+    """Per router-kept method, over the cells of ``models`` (instance labels; all when None): the cells where it has
+    a lower perplexity than every removal baseline (and the share), its mean rank among all methods (1 = best), and
+    per family the ratio of its mean perplexity increase at
     ratio 0.25 to frequency pruning's (the issue's bar: at most 0.5)."""
     table = cells(rows, models)
-    names = sorted({key[0] for key in table})
+    family = {r["model"]: r["family"] for r in rows}
+    families = sorted({family[key[0]] for key in table})
     base = {r["model"]: r for r in rows if r["method"] == "unpruned"}
     result = {"cells": len(table)}
     for method in [m for m in METHODS if m not in REMOVAL]:
@@ -141,11 +165,12 @@ def summary(rows: list[dict], models=None) -> dict:
         won = sum(all(ppl[method] < ppl[b] for b in REMOVAL if b in ppl) for ppl in present.values())
         ranks = [1 + sum(v < ppl[method] for m, v in ppl.items() if m != method) for ppl in present.values()]
         increase = {}
-        for name in names:
-            quarter = [(key, ppl) for key, ppl in present.items() if key[0] == name and key[1] == 0.25 and "frequency" in ppl]
+        for name in families:
+            quarter = [(key, ppl) for key, ppl in present.items()
+                       if family[key[0]] == name and key[1] == 0.25 and "frequency" in ppl]
             if quarter:
-                ours = statistics.mean(ppl[method] - base[name][f"{key[4]}_ppl"] for key, ppl in quarter)
-                theirs = statistics.mean(ppl["frequency"] - base[name][f"{key[4]}_ppl"] for key, ppl in quarter)
+                ours = statistics.mean(ppl[method] - base[key[0]][f"{key[4]}_ppl"] for key, ppl in quarter)
+                theirs = statistics.mean(ppl["frequency"] - base[key[0]][f"{key[4]}_ppl"] for key, ppl in quarter)
                 increase[name] = ours / theirs if theirs > 0 else None
         result[method] = {"beats_every_removal": won, "of": len(present),
                           "share": won / len(present) if present else None,
@@ -161,11 +186,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    models = list(dict.fromkeys(r["family"] for r in rows))
     ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0})
     fig, axes = plt.subplots(len(ratios), len(models), figsize=(3.2 * len(models), 2.8 * len(ratios)), squeeze=False)
     for j, name in enumerate(models):
-        base = next(r for r in rows if r["model"] == name and r["method"] == "unpruned")
+        base = {k: statistics.mean(r[k] for r in rows if r["family"] == name and r["method"] == "unpruned")
+                for k in ("python-code_ppl", "python-docs_ppl")}
         for i, ratio in enumerate(ratios):
             ax = axes[i][j]
             highest = 0.0
@@ -173,7 +199,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 values = []
                 for method in METHODS:
                     sel = [r[f"{s}_ppl"] - base[f"{s}_ppl"] for r in rows
-                           if r["model"] == name and r["ratio"] == ratio and r["method"] == method]
+                           if r["family"] == name and r["ratio"] == ratio and r["method"] == method]
                     values.append(statistics.mean(sel) if sel else 0.0)
                 ax.bar([x + 0.4 * k for x in range(len(METHODS))], values, width=0.4, label=s)
                 highest = max(highest, *values)
@@ -196,6 +222,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", nargs="+", type=int, default=[8, 32, 128])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--held-out", nargs="*", default=[],
+                        help="instance labels summarised apart (models no default was chosen on)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -204,7 +232,12 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     rows = [row for name in args.models for row in run_model(name, args, log)]
     result = {"settings": {**vars(args), "eval": EVAL_SETTINGS, "random_seeds": RANDOM_SEEDS},
-              "rows": rows, "summary": summary(rows), "seconds": round(time.perf_counter() - started, 1)}
+              "rows": rows, "summary": {"all": summary(rows)}, "seconds": round(time.perf_counter() - started, 1)}
+    if args.held_out:
+        labels = {r["model"] for r in rows}
+        held = set(args.held_out) & labels
+        result["summary"]["tuning"] = summary(rows, labels - held)
+        result["summary"]["held_out"] = summary(rows, held)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -39,7 +39,7 @@ def test_reduced_fidelity_run_matches_the_card():
 def test_summary_counts_cells_won_against_every_removal_baseline():
     """Hand-made rows: two cells per evaluation source; 'ne' beats every removal method in three of four."""
     fidelity = _fidelity()
-    rows = [{"model": "m", "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
+    rows = [{"model": "m", "family": "m", "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
              "python-code_ppl": 10.0, "python-docs_ppl": 20.0}]
     table = {  # (calib, code ppl, docs ppl) per method, one ratio 0.25
         "ne": [("python-code", 11.0, 21.0), ("python-docs", 12.0, 30.0)],
@@ -49,7 +49,7 @@ def test_summary_counts_cells_won_against_every_removal_baseline():
     }
     for method, entries in table.items():
         for calib, code, docs in entries:
-            rows.append({"model": "m", "ratio": 0.25, "method": method, "calib": calib, "samples": 8,
+            rows.append({"model": "m", "family": "m", "ratio": 0.25, "method": method, "calib": calib, "samples": 8,
                          "python-code_ppl": code, "python-docs_ppl": docs})
     result = fidelity.summary(rows)
     assert result["cells"] == 4
@@ -58,3 +58,9 @@ def test_summary_counts_cells_won_against_every_removal_baseline():
     assert math.isclose(result["ne"]["mean_rank"], (1 + 2 + 1 + 4) / 4)
     # mean increase over the four cells: ne (1 + 2 + 1 + 10) / 4 = 3.5, frequency (4 + 4 + 4 + 4) / 4 = 4
     assert math.isclose(result["ne"]["increase_vs_frequency_at_0.25"]["m"], 3.5 / 4)
+
+
+def test_instances_of_a_family_share_its_name():
+    fidelity = _fidelity()
+    assert fidelity.family_of(fidelity.instance_label("/cache/larger/mixtral-s1")) == "mixtral"
+    assert fidelity.family_of("qwen2_moe") == "qwen2_moe" and fidelity.family_of("olmoe-s12") == "olmoe"
