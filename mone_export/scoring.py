@@ -172,7 +172,8 @@ def plan_pruning(stats: ExpertStats, ratio: float, method: str = "mone", scope: 
     Args:
         stats: calibration statistics from :func:`mone_export.collect_stats`.
         ratio: fraction of routed experts per MoE layer to prune, in [0, 1).
-        method: ``mone`` (default), ``mone-zero``, ``ne`` (novice error), ``frequency``, ``routing-score``, ``reap`` or ``random``.
+        method: ``mone`` (default), ``mone-zero``, ``ne`` (novice error), ``frequency``, ``routing-score``,
+            ``reap`` or ``random``.
         scope: ``layer`` (floor(ratio·E) per layer) or ``global`` (same total, ranked across layers).
         seed: seed of the ``random`` method.
 
