@@ -72,18 +72,31 @@ def instance_label(name: str) -> str:
     return Path(name).name
 
 
-def family_of(label: str) -> str:
-    """The family an instance belongs to: its label without a ``-s{seed}`` suffix."""
-    return re.sub(r"-s\d+$", "", label)
+def family_of(label: str, preset: str | None = None) -> str:
+    """The family an instance belongs to: its label without a ``-s{seed}`` suffix, and with the size preset its
+    card names when that is not the bundled one (``mixtral-large``: never averaged with the bundled ``mixtral``)."""
+    family = re.sub(r"-s\d+$", "", label)
+    return family if preset in (None, "bundled") else f"{family}-{preset}"
+
+
+def _preset(name: str) -> str | None:
+    card = Path(name) / "card.json"
+    return json.loads(card.read_text()).get("preset") if card.is_file() else None
+
+
+def _family(row: dict) -> str:
+    """A row's family (rows of runs before families were recorded: their model)."""
+    return row.get("family") or family_of(row["model"])
 
 
 def run_model(name, args, log) -> list[dict]:
     model, tokenizer = load_model(name)
+    family = family_of(instance_label(name), _preset(name))
     name = instance_label(name)
     held_out = {s: eval_batches(tokenizer, s, **{k: v for k, v in EVAL_SETTINGS.items() if k != "split"})
                 for s in SOURCES}
     reference = {s: score(model, b) for s, b in held_out.items()}
-    rows = [{"model": name, "family": family_of(name), "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
+    rows = [{"model": name, "family": family, "ratio": 0.0, "method": "unpruned", "calib": None, "samples": 0,
              **{f"{s}_ppl": reference[s]["ppl"] for s in SOURCES}, **{f"{s}_agreement": 1.0 for s in SOURCES}}]
     log.info("%s unpruned: %s", name, {s: round(reference[s]["ppl"], 3) for s in SOURCES})
     for calib in args.calib:
@@ -98,7 +111,7 @@ def run_model(name, args, log) -> list[dict]:
                         plan = plan_pruning(stats, ratio, method=method, seed=seed)
                         pruned = apply_plan(copy.deepcopy(model), plan)
                         results.append(evaluate(pruned, held_out, reference))
-                    row = {"model": name, "family": family_of(name), "ratio": ratio, "method": method, "calib": calib,
+                    row = {"model": name, "family": family, "ratio": ratio, "method": method, "calib": calib,
                            "samples": samples}
                     for s in SOURCES:
                         row[f"{s}_ppl"] = statistics.mean(r[s]["ppl"] for r in results)
@@ -112,8 +125,8 @@ def run_model(name, args, log) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """One table per family and ratio: means over calibration settings and the family's instances (seeds)."""
     lines = []
-    for family in dict.fromkeys(r["family"] for r in rows):
-        mine = [r for r in rows if r["family"] == family]
+    for family in dict.fromkeys(_family(r) for r in rows):
+        mine = [r for r in rows if _family(r) == family]
         base = {k: statistics.mean(r[k] for r in mine if r["method"] == "unpruned") for k in
                 ("python-code_ppl", "python-docs_ppl")}
         instances = sorted({r["model"] for r in mine})
@@ -156,13 +169,15 @@ def summary(rows: list[dict], models=None) -> dict:
     per family the ratio of its mean perplexity increase at
     ratio 0.25 to frequency pruning's (the issue's bar: at most 0.5)."""
     table = cells(rows, models)
-    family = {r["model"]: r["family"] for r in rows}
+    family = {r["model"]: _family(r) for r in rows}
     families = sorted({family[key[0]] for key in table})
     base = {r["model"]: r for r in rows if r["method"] == "unpruned"}
     result = {"cells": len(table)}
     for method in [m for m in METHODS if m not in REMOVAL]:
         present = {key: ppl for key, ppl in table.items() if method in ppl}
-        won = sum(all(ppl[method] < ppl[b] for b in REMOVAL if b in ppl) for ppl in present.values())
+        # A cell counts only where every removal baseline ran: a method is not the best of an empty field.
+        present = {key: ppl for key, ppl in present.items() if all(b in ppl for b in REMOVAL)}
+        won = sum(all(ppl[method] < ppl[b] for b in REMOVAL) for ppl in present.values())
         ranks = [1 + sum(v < ppl[method] for m, v in ppl.items() if m != method) for ppl in present.values()]
         increase = {}
         for name in families:
@@ -186,11 +201,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(r["family"] for r in rows))
+    models = list(dict.fromkeys(_family(r) for r in rows))
     ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0})
     fig, axes = plt.subplots(len(ratios), len(models), figsize=(3.2 * len(models), 2.8 * len(ratios)), squeeze=False)
     for j, name in enumerate(models):
-        base = {k: statistics.mean(r[k] for r in rows if r["family"] == name and r["method"] == "unpruned")
+        base = {k: statistics.mean(r[k] for r in rows if _family(r) == name and r["method"] == "unpruned")
                 for k in ("python-code_ppl", "python-docs_ppl")}
         for i, ratio in enumerate(ratios):
             ax = axes[i][j]
@@ -199,7 +214,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 values = []
                 for method in METHODS:
                     sel = [r[f"{s}_ppl"] - base[f"{s}_ppl"] for r in rows
-                           if r["family"] == name and r["ratio"] == ratio and r["method"] == method]
+                           if _family(r) == name and r["ratio"] == ratio and r["method"] == method]
                     values.append(statistics.mean(sel) if sel else 0.0)
                 ax.bar([x + 0.4 * k for x in range(len(METHODS))], values, width=0.4, label=s)
                 highest = max(highest, *values)
@@ -228,14 +243,17 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("fidelity")
+    labels = {instance_label(name) for name in args.models}
+    held = {instance_label(name) for name in args.held_out}
+    if not held <= labels:  # before the run, not after it
+        parser.error(f"--held-out {sorted(held - labels)}: not among --models ({sorted(labels)})")
     torch.manual_seed(0)
     started = time.perf_counter()
     rows = [row for name in args.models for row in run_model(name, args, log)]
     result = {"settings": {**vars(args), "eval": EVAL_SETTINGS, "random_seeds": RANDOM_SEEDS},
               "rows": rows, "summary": {"all": summary(rows)}, "seconds": round(time.perf_counter() - started, 1)}
-    if args.held_out:
+    if held:
         labels = {r["model"] for r in rows}
-        held = set(args.held_out) & labels
         result["summary"]["tuning"] = summary(rows, labels - held)
         result["summary"]["held_out"] = summary(rows, held)
     out = Path(args.out)

@@ -39,7 +39,7 @@ class PruningPlan:
     Attributes:
         pruned: decoder-layer index (in ``model.model.layers``) → sorted pruned expert indices.
         novices: decoder-layer index → ``[n_pruned, H]`` float32 replacement vectors, rows in ``pruned`` order
-            (means for ``mone``, zeros for ``mone-zero``); empty for removal methods.
+            (means for ``mone``, zeros for ``mone-zero``, g²-weighted means for ``ne``); empty for removal methods.
         method, replacement, ratio, scope, seed: how the plan was made.
         model: what the plan fits: ``model_type``, ``num_hidden_layers``, ``hidden_size``,
             ``num_experts`` (per MoE layer) and ``top_k`` (per MoE layer).

@@ -46,6 +46,8 @@ def test_summary_counts_cells_won_against_every_removal_baseline():
         "mone": [("python-code", 13.0, 22.0), ("python-docs", 11.5, 23.0)],
         "frequency": [("python-code", 14.0, 24.0), ("python-docs", 14.0, 24.0)],
         "reap": [("python-code", 12.0, 25.0), ("python-docs", 12.5, 26.0)],
+        "routing-score": [("python-code", 50.0, 50.0), ("python-docs", 50.0, 50.0)],
+        "random": [("python-code", 60.0, 60.0), ("python-docs", 60.0, 60.0)],
     }
     for method, entries in table.items():
         for calib, code, docs in entries:
@@ -58,9 +60,12 @@ def test_summary_counts_cells_won_against_every_removal_baseline():
     assert math.isclose(result["ne"]["mean_rank"], (1 + 2 + 1 + 4) / 4)
     # mean increase over the four cells: ne (1 + 2 + 1 + 10) / 4 = 3.5, frequency (4 + 4 + 4 + 4) / 4 = 4
     assert math.isclose(result["ne"]["increase_vs_frequency_at_0.25"]["m"], 3.5 / 4)
+    # without every removal baseline a cell is no contest: none is counted
+    partial = [r for r in rows if r["method"] != "random"]
+    assert fidelity.summary(partial)["ne"]["of"] == 0
 
 
-def test_instances_of_a_family_share_its_name():
+def test_instances_of_a_family_share_its_name_and_presets_stay_apart():
     fidelity = _fidelity()
-    assert fidelity.family_of(fidelity.instance_label("/cache/larger/mixtral-s1")) == "mixtral"
-    assert fidelity.family_of("qwen2_moe") == "qwen2_moe" and fidelity.family_of("olmoe-s12") == "olmoe"
+    assert fidelity.family_of(fidelity.instance_label("/cache/larger/mixtral-s1"), "large") == "mixtral-large"
+    assert fidelity.family_of("qwen2_moe") == "qwen2_moe" and fidelity.family_of("olmoe-s12", "bundled") == "olmoe"

@@ -1,5 +1,7 @@
 """Statistics against a brute-force computation on concatenated expert outputs (docs/method.md#statistics)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -153,25 +155,34 @@ def test_chan_merge_is_exact_for_offset_data():
 
 def test_weighted_merges_are_exact_for_offset_data_and_across_ranks():
     """The g²-weighted mean and squared deviations (West's update), batch by batch and merged across two
-    'ranks' (LayerStats.merge), against the two-pass formula; tokens of weight 0 move nothing."""
+    'ranks' (LayerStats.merge), against the two-pass formula, with small weights (Σg² below 1), a batch of weight 0
+    (it moves nothing) and an expert only one rank saw (the merge keeps that rank's statistics)."""
     rng = np.random.default_rng(1)
     data = 1e6 + rng.standard_normal((999, 4))
-    g = rng.uniform(0.0, 1.0, 999)
-    g[::50] = 0.0
+    g = rng.uniform(0.0, 0.03, 999)
     w = g**2
+    assert w.sum() < 1
     mean = w @ data / w.sum()
     m2 = w @ (data - mean) ** 2
+    other = rng.standard_normal((7, 4))
     halves = []
     for rows in (slice(0, 400), slice(400, None)):
-        layer = LayerStats(num_experts=2, hidden_size=4, top_k=1)
+        layer = LayerStats(num_experts=3, hidden_size=4, top_k=1)
         for chunk, weights in zip(np.array_split(data[rows], 13), np.array_split(g[rows], 13)):
             layer.add_expert_outputs(1, chunk, weights)
+        layer.add_expert_outputs(1, rng.standard_normal((5, 4)) * 1e3, np.zeros(5))  # weight 0: moves nothing
         halves.append(layer)
+    halves[1].add_expert_outputs(2, other, np.full(7, 0.5))
+    alone = dataclasses.replace(halves[1], weighted_mean=halves[1].weighted_mean.copy(),
+                                weighted_m2=halves[1].weighted_m2.copy(), sq_weight_sum=halves[1].sq_weight_sum.copy())
     halves[0].merge(halves[1])
     merged = halves[0]
     np.testing.assert_allclose(merged.sq_weight_sum[1], w.sum(), rtol=1e-12)
     np.testing.assert_allclose(merged.weighted_mean[1], mean, rtol=1e-12)
     np.testing.assert_allclose(merged.weighted_m2[1], m2, rtol=1e-8)
+    for name in ("sq_weight_sum", "weighted_mean", "weighted_m2"):
+        np.testing.assert_array_equal(getattr(merged, name)[2], getattr(alone, name)[2])
+    np.testing.assert_allclose(alone.weighted_mean[2], other.mean(0), rtol=1e-12)
     assert merged.sq_weight_sum[0] == 0 and not merged.weighted_mean[0].any() and not merged.weighted_m2[0].any()
 
 
