@@ -13,7 +13,9 @@ For every bundled model × ratio × calibration source × calibration samples ×
 scored on the held-out splits of both built-in sources: perplexity, and top-1 next-token agreement with
 the unpruned model. Statistics are collected once per (model, source, samples) and shared by the methods.
 The random baseline is averaged over three seeds. Writes ``fidelity.json``, ``fidelity.md`` and
-``fidelity.png`` into ``--out`` (default ``benchmarks/results``).
+``fidelity.png`` into ``--out`` (default ``benchmarks/results``), and ``fidelity.partial.json`` after each model.
+``--reuse FILE`` takes the rows a previous run (its ``fidelity.json`` or ``fidelity.partial.json``) measured with the
+same evaluation settings instead of measuring them again: resume a cut run, or add a method to one.
 """
 
 from __future__ import annotations
@@ -89,7 +91,25 @@ def _family(row: dict) -> str:
     return row.get("family") or family_of(row["model"])
 
 
-def run_model(name, args, log) -> list[dict]:
+def row_key(row: dict) -> tuple:
+    """What identifies a measured row: instance, ratio, method, calibration source and samples."""
+    return row["model"], float(row["ratio"]), row["method"], row["calib"], int(row["samples"])
+
+
+def reusable_rows(path: str | None, seq_len: int) -> dict[tuple, dict]:
+    """The rows of a previous run measured with this run's evaluation settings and calibration length, by key."""
+    if not path:
+        return {}
+    previous = json.loads(Path(path).read_text())
+    settings = previous["settings"]
+    if settings.get("eval") != EVAL_SETTINGS or int(settings.get("seq_len", 128)) != seq_len:
+        raise SystemExit(f"--reuse {path}: measured with other settings ({settings.get('eval')}, seq_len "
+                         f"{settings.get('seq_len')}); run without it.")
+    return {row_key(r): r for r in previous["rows"]}
+
+
+def run_model(name, args, log, reuse: dict | None = None) -> list[dict]:
+    reuse = reuse or {}
     model, tokenizer = load_model(name)
     family = family_of(instance_label(name), _preset(name))
     name = instance_label(name)
@@ -101,24 +121,29 @@ def run_model(name, args, log) -> list[dict]:
     log.info("%s unpruned: %s", name, {s: round(reference[s]["ppl"], 3) for s in SOURCES})
     for calib in args.calib:
         for samples in args.samples:
+            todo = [(ratio, method) for ratio in args.ratios for method in args.methods
+                    if (name, float(ratio), method, calib, samples) not in reuse]
+            rows.extend(reuse[(name, float(ratio), method, calib, samples)] for ratio in args.ratios
+                        for method in args.methods if (ratio, method) not in todo)
+            if not todo:
+                continue
             batches = calibration_batches(calib, tokenizer, samples, args.seq_len, seed=0)
             stats = collect_stats(model, batches, progress=False)
-            for ratio in args.ratios:
-                for method in args.methods:
-                    seeds = RANDOM_SEEDS if method == "random" else [0]
-                    results = []
-                    for seed in seeds:
-                        plan = plan_pruning(stats, ratio, method=method, seed=seed)
-                        pruned = apply_plan(copy.deepcopy(model), plan)
-                        results.append(evaluate(pruned, held_out, reference))
-                    row = {"model": name, "family": family, "ratio": ratio, "method": method, "calib": calib,
-                           "samples": samples}
-                    for s in SOURCES:
-                        row[f"{s}_ppl"] = statistics.mean(r[s]["ppl"] for r in results)
-                        row[f"{s}_agreement"] = statistics.mean(r[s]["agreement"] for r in results)
-                    rows.append(row)
-                    log.info("%s r=%s %s/%d %-13s ppl %s", name, ratio, calib, samples, method,
-                             {s: round(row[f"{s}_ppl"], 3) for s in SOURCES})
+            for ratio, method in todo:
+                seeds = RANDOM_SEEDS if method == "random" else [0]
+                results = []
+                for seed in seeds:
+                    plan = plan_pruning(stats, ratio, method=method, seed=seed)
+                    pruned = apply_plan(copy.deepcopy(model), plan)
+                    results.append(evaluate(pruned, held_out, reference))
+                row = {"model": name, "family": family, "ratio": ratio, "method": method, "calib": calib,
+                       "samples": samples}
+                for s in SOURCES:
+                    row[f"{s}_ppl"] = statistics.mean(r[s]["ppl"] for r in results)
+                    row[f"{s}_agreement"] = statistics.mean(r[s]["agreement"] for r in results)
+                rows.append(row)
+                log.info("%s r=%s %s/%d %-13s ppl %s", name, ratio, calib, samples, method,
+                         {s: round(row[f"{s}_ppl"], 3) for s in SOURCES})
     return rows
 
 
@@ -240,6 +265,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--held-out", nargs="*", default=[],
                         help="instance labels summarised apart (models no default was chosen on)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--reuse", help="a previous run's fidelity.json or fidelity.partial.json: rows it measured "
+                                        "with the same settings are taken, not measured again")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("fidelity")
@@ -249,15 +276,20 @@ def main(argv=None) -> dict:
         parser.error(f"--held-out {sorted(held - labels)}: not among --models ({sorted(labels)})")
     torch.manual_seed(0)
     started = time.perf_counter()
-    rows = [row for name in args.models for row in run_model(name, args, log)]
+    reuse = reusable_rows(args.reuse, args.seq_len)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        rows.extend(run_model(name, args, log, reuse))
+        partial = {"settings": {**vars(args), "eval": EVAL_SETTINGS, "random_seeds": RANDOM_SEEDS}, "rows": rows}
+        (out / "fidelity.partial.json").write_text(json.dumps(partial, indent=1) + "\n")
     result = {"settings": {**vars(args), "eval": EVAL_SETTINGS, "random_seeds": RANDOM_SEEDS},
               "rows": rows, "summary": {"all": summary(rows)}, "seconds": round(time.perf_counter() - started, 1)}
     if held:
         labels = {r["model"] for r in rows}
         result["summary"]["tuning"] = summary(rows, labels - held)
         result["summary"]["held_out"] = summary(rows, held)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(rows)
     (out / "fidelity.md").write_text(table)
