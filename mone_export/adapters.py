@@ -151,6 +151,12 @@ class MoeAdapter:
     def route(self, layer: MoeLayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k_index [T, k], top_k_weights [T, k]) exactly as the block passes them to its experts, for the
         tokens ``hidden [T, H]`` entering the block (the block runs with its experts replaced by a recorder)."""
+        return self.routing_of(layer, hidden.reshape(1, -1, layer.hidden_size))
+
+    def routing_of(self, layer: MoeLayer, *block_args, **block_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_k_index, top_k_weights) as the block passes them to its experts when called with ``block_args`` and
+        ``block_kwargs``: the block runs with its experts replaced by a recorder and without its shared expert (whose
+        output the routing does not read), so only the routing is computed."""
         seen = {}
 
         def record(_layer):
@@ -159,8 +165,15 @@ class MoeAdapter:
                 return torch.zeros_like(states)
             return forward
 
-        with experts_forwards_swapped([layer], record):
-            layer.block(hidden.reshape(1, -1, layer.hidden_size))
+        shared = getattr(layer.block, self.shared_expert_attr) if self.shared_expert_attr else None
+        try:
+            if shared is not None:
+                setattr(layer.block, self.shared_expert_attr, _ZeroOutput())
+            with experts_forwards_swapped([layer], record):
+                layer.block(*block_args, **block_kwargs)
+        finally:
+            if shared is not None:
+                setattr(layer.block, self.shared_expert_attr, shared)
         return seen["index"], seen["weights"]
 
     def shared_output(self, layer: MoeLayer, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -175,6 +188,13 @@ class MoeAdapter:
     def set_num_experts(self, config, num_experts: int) -> None:
         """Write a routed-expert count into a config (removal checkpoints)."""
         setattr(config, self.num_experts_key, int(num_experts))
+
+
+class _ZeroOutput(nn.Module):
+    """Stands in for a shared expert while only the routing is wanted: zeros shaped like its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
 
 
 def expert_forward(experts: nn.Module, slot: int, hidden: torch.Tensor, weight: torch.Tensor | None = None

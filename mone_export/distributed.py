@@ -84,7 +84,8 @@ def finish() -> None:
 
 
 def collect_stats_distributed(model, batches: Sequence[torch.Tensor], progress: bool = True,
-                              calibration: dict | None = None, group=None) -> ExpertStats:
+                              calibration: dict | None = None, group=None, measure_removal: bool = False
+                              ) -> ExpertStats:
     """:func:`mone_export.collect_stats` over the ranks of ``group`` (default: the whole world); every rank returns
     the merged statistics.
 
@@ -99,7 +100,7 @@ def collect_stats_distributed(model, batches: Sequence[torch.Tensor], progress: 
     mine = share_of_samples(list(batches), rank, world)
     collect = collect_stats_streamed if isinstance(model, LayerStreamedModel) else collect_stats
     local = collect(model, mine, progress=progress and rank == 0, calibration=dict(calibration or {}, tokens=sum(
-        int(b.numel()) for b in mine)))
+        int(b.numel()) for b in mine)), measure_removal=measure_removal)
     gathered: list[ExpertStats | None] = [None] * world
     dist.all_gather_object(gathered, local, group=group)
     merged = gathered[0]

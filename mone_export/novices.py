@@ -16,7 +16,7 @@ from mone_export.errors import UsageError
 from mone_export.plan import PruningPlan
 
 __all__ = ["NoviceExperts", "apply_plan", "dense_routing_weights", "expert_count", "expert_parameter_names",
-           "layer_pruned"]
+           "layer_pruned", "removal_possible", "routing_without"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,26 +181,81 @@ def _cut_rows(module: nn.Module, names: list[str], kept: torch.Tensor) -> None:
             setattr(module, name, nn.Parameter(cut, requires_grad=False))
 
 
-def _remove_experts(layer: MoeLayer, pruned: list[int]) -> None:
-    _check_group_removal(layer, pruned)
+def _cut_routing(layer: MoeLayer, removed: list[int]) -> torch.Tensor:
+    """Delete the router rows of ``removed`` (and the per-expert vectors the block keeps) and lower the expert counts
+    of router and experts, as removal does; the experts' weights are not touched. Returns the kept ids."""
+    _check_group_removal(layer, removed)
     rows, block_rows = _router_rows(layer), _block_rows(layer)
-    kept = torch.tensor([e for e in range(layer.num_experts) if e not in set(pruned)], dtype=torch.long)
-    router, experts = layer.router, layer.experts
-    _cut_rows(router, rows, kept)
+    kept = torch.tensor([e for e in range(layer.num_experts) if e not in set(removed)], dtype=torch.long)
+    _cut_rows(layer.router, rows, kept)
     _cut_rows(layer.block, block_rows, kept)
-    for name in expert_parameter_names(experts):
-        setattr(experts, name, nn.Parameter(getattr(experts, name).detach()[kept].clone(), requires_grad=False))
-    for module in (router, experts):
+    for module in (layer.router, layer.experts):
         for attr in COUNT_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, len(kept))
+    return kept
+
+
+def _remove_experts(layer: MoeLayer, pruned: list[int]) -> None:
+    experts = layer.experts
+    kept = _cut_routing(layer, pruned)
+    for name in expert_parameter_names(experts):
+        setattr(experts, name, nn.Parameter(getattr(experts, name).detach()[kept].clone(), requires_grad=False))
+
+
+def removal_possible(layer: MoeLayer) -> bool:
+    """Whether one expert of ``layer`` can be removed with its router row (not under group-limited routing, nor with
+    a router whose per-expert tensors removal cannot cut)."""
+    try:
+        _check_group_removal(layer, [0])
+        _router_rows(layer)
+    except UsageError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def routing_without(layer: MoeLayer, removed: list[int]) -> Iterator[torch.Tensor]:
+    """Within the block, ``layer`` routes as it would with the experts ``removed`` deleted (router rows cut as
+    :func:`apply_plan` cuts them for a removal); the experts' weights are untouched. Yields the kept ids (the new
+    router's output ``j`` is expert ``kept[j]``); the router, block and expert counts come back on exit."""
+    modules = (layer.router, layer.block, layer.experts)
+    saved = [(module, dict(module._parameters), dict(module._buffers),
+              {attr: module.__dict__[attr] for attr in COUNT_ATTRS if attr in module.__dict__}) for module in modules]
+    try:
+        yield _cut_routing(layer, removed)
+    finally:
+        for module, parameters, buffers, counts in saved:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module.__dict__.update(counts)
+
+
+def _prune_layer(layer: MoeLayer, adapter: MoeAdapter, plan: PruningPlan,
+                 means_dtype: torch.dtype | None = None) -> None:
+    """Prune one layer as ``plan`` says: remove (experts and router rows), make novices, or, for a mixed plan, remove
+    its removed experts first and make the others novices at their slots among the experts that remain."""
+    if plan.replacement == "remove":
+        _remove_experts(layer, plan.pruned[layer.index])
+        return
+    removed = plan.removed.get(layer.index, [])
+    novices = plan.novice_ids(layer.index)
+    if removed:
+        remaining = [e for e in range(layer.num_experts) if e not in set(removed)]
+        _remove_experts(layer, removed)
+        novices = [remaining.index(e) for e in novices]
+    if novices:
+        _apply_novices(layer, adapter, novices, plan.novices[layer.index], means_dtype)
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Prune ``model`` in place as ``plan`` says and return it; ``model.generate()`` keeps working.
 
     Novice plans replace each layer's experts module by :class:`NoviceExperts` (router unchanged); removal plans
-    delete the pruned experts and their router rows, so top-k runs over the remaining experts. A removal that
+    delete the pruned experts and their router rows, so top-k runs over the remaining experts; mixed plans (method
+    ``auto``) do both in a layer: removal of the removed experts first, then novices among the rest. A removal that
     leaves every MoE layer with the same expert count also updates the config, so the model saves as a
     standard checkpoint with fewer experts.
     """
@@ -209,13 +264,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     plan.validate_for(model, check_weights=False)
     adapter, layers = moe_layers_or_error(model)
     for layer in layers:
-        pruned = plan.pruned.get(layer.index, [])
-        if not pruned:
-            continue
-        if plan.replacement == "remove":
-            _remove_experts(layer, pruned)
-        else:
-            _apply_novices(layer, adapter, pruned, plan.novices[layer.index])
+        if plan.pruned.get(layer.index):
+            _prune_layer(layer, adapter, plan)
     if plan.replacement == "remove":
         counts = {layer.num_experts for layer in adapter.moe_layers(model)}
         if len(counts) == 1:
@@ -254,10 +304,7 @@ def layer_pruned(adapter: MoeAdapter, layer: MoeLayer, plan: PruningPlan | None,
     saved_params = {module: dict(module._parameters) for module in (router, experts, block)}
     saved_buffers = {module: dict(module._buffers) for module in (router, experts, block)}
     try:
-        if plan.replacement == "remove":
-            _remove_experts(layer, pruned)
-        else:
-            _apply_novices(layer, adapter, pruned, plan.novices[layer.index], means_dtype)
+        _prune_layer(layer, adapter, plan, means_dtype)
         experts_now = getattr(block, adapter.experts_attr)
         if release_original:
             saved_params = {module: {name: _on_meta(p) for name, p in params.items()}

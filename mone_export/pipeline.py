@@ -110,6 +110,7 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
     from mone_export.streaming import LayerStreamedModel, collect_stats_streamed
 
     check_pruning_options(method, scope, calib)
+    measure_removal = method_or_error(method).measures_removal  # auto: each expert's removal error, measured
     model = _in_compute_dtype(model, calib.dtype)
     vocab = int(model.config.vocab_size)
     batches = calibration_batches(calib.source, tokenizer, calib.samples, calib.seq_len, seed=calib.seed,
@@ -118,11 +119,13 @@ def calibrate_and_plan(model, tokenizer, ratio: float, method: str, scope: str, 
             "compute_dtype": calib.dtype}
     if is_distributed_launch():  # started by torchrun: this rank calibrates its share, all merge (distributed.py)
         init_from_environment()
-        stats = collect_stats_distributed(model, list(batches), progress=progress, calibration=info)
+        stats = collect_stats_distributed(model, list(batches), progress=progress, calibration=info,
+                                          measure_removal=measure_removal)
     elif isinstance(model, LayerStreamedModel):  # one decoder layer in memory at a time
-        stats = collect_stats_streamed(model, batches, progress=progress, calibration=info, scratch=scratch)
+        stats = collect_stats_streamed(model, batches, progress=progress, calibration=info, scratch=scratch,
+                                       measure_removal=measure_removal)
     else:
-        stats = collect_stats(model, batches, progress=progress, calibration=info)
+        stats = collect_stats(model, batches, progress=progress, calibration=info, measure_removal=measure_removal)
     return plan_pruning(stats, ratio, method=method, scope=scope, seed=calib.seed), stats
 
 

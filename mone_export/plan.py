@@ -1,7 +1,7 @@
 """The pruning plan (docs/plan.md): a versioned, self-describing, validated artifact.
 
 On disk a plan is a folder with ``plan.json`` (everything but the novice vectors) and
-``novices.safetensors`` (one ``[n_pruned, H]`` float32 tensor per layer, key ``layers.{i}``).
+``novices.safetensors`` (one ``[n_novices, H]`` float32 tensor per layer, key ``layers.{i}``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,16 @@ from mone_export.errors import PlanMismatchError, UsageError
 
 __all__ = ["PruningPlan", "PLAN_VERSION", "PLAN_FILE", "NOVICES_FILE"]
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 """Version 2 adds ``model.experts_fingerprints`` (dtype → fingerprint) and ``model.experts_dtype``, and binds
-``novices.safetensors`` to ``plan.json``; 1 still loads."""
-READABLE_VERSIONS = (1, 2)
+``novices.safetensors`` to ``plan.json``; version 3 adds ``removed`` (the pruned experts deleted with their router
+rows in a ``mixed`` plan). 1 and 2 still load."""
+READABLE_VERSIONS = (1, 2, 3)
 PLAN_FILE = "plan.json"
 NOVICES_FILE = "novices.safetensors"
 logger = logging.getLogger(__name__)
 FORMAT = "mone-export/pruning-plan"
-REPLACEMENTS = ("novice", "zero", "remove")
+REPLACEMENTS = ("novice", "zero", "remove", "mixed")
 
 
 @dataclasses.dataclass
@@ -38,8 +40,12 @@ class PruningPlan:
 
     Attributes:
         pruned: decoder-layer index (in ``model.model.layers``) → sorted pruned expert indices.
-        novices: decoder-layer index → ``[n_pruned, H]`` float32 replacement vectors, rows in ``pruned`` order
-            (means for ``mone``, zeros for ``mone-zero``, g²-weighted means for ``ne``); empty for removal methods.
+        novices: decoder-layer index → ``[n_novices, H]`` float32 replacement vectors, rows in :meth:`novice_ids`
+            order (means for ``mone``, zeros for ``mone-zero``, g²-weighted means for ``ne`` and ``auto``); empty
+            for removal methods.
+        removed: decoder-layer index → the pruned experts of a ``mixed`` plan (method ``auto``) that are deleted
+            with their router rows, their tokens re-routed; the layer's other pruned experts are novices. Empty for
+            every other plan (a ``remove`` plan deletes all of ``pruned``).
         method, replacement, ratio, scope, seed: how the plan was made.
         model: what the plan fits: ``model_type``, ``num_hidden_layers``, ``hidden_size``,
             ``num_experts`` (per MoE layer) and ``top_k`` (per MoE layer).
@@ -59,14 +65,16 @@ class PruningPlan:
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     experts: dict[int, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     version: int = PLAN_VERSION
+    removed: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.pruned = {int(k): sorted(int(e) for e in v) for k, v in sorted(self.pruned.items())}
+        self.removed = {int(k): sorted(int(e) for e in v) for k, v in sorted(self.removed.items()) if v}
         self.novices = {int(k): v for k, v in sorted(self.novices.items())}
         self.check()
 
     @classmethod
-    def from_selection(cls, stats, scores, pruned, novices, **how) -> "PruningPlan":
+    def from_selection(cls, stats, scores, pruned, novices, removed=None, **how) -> "PruningPlan":
         """Build a plan from statistics, scores and a selection (used by :func:`mone_export.plan_pruning`)."""
         experts = {}
         for index, layer in stats.layers.items():
@@ -79,6 +87,8 @@ class PruningPlan:
                 "reap": layer.reap.tolist(),
                 "novice_error": layer.novice_error.tolist(),
             }
+            if layer.removal_error is not None:  # JSON has no infinity: None where removal is not possible
+                experts[index]["removal_error"] = [v if math.isfinite(v) else None for v in layer.removal_error.tolist()]
         first = next(iter(stats.layers.values()))
         model = {
             "model_type": stats.model_type,
@@ -90,7 +100,8 @@ class PruningPlan:
         if stats.experts_fingerprints:
             model["experts_fingerprints"] = dict(stats.experts_fingerprints)
             model["experts_dtype"] = stats.experts_dtype
-        return cls(pruned=pruned, novices=novices, model=model, calibration=dict(stats.calibration), experts=experts, **how)
+        return cls(pruned=pruned, novices=novices, model=model, calibration=dict(stats.calibration), experts=experts,
+                   removed=removed or {}, **how)
 
     # -- validation ---------------------------------------------------------------------------------
 
@@ -110,15 +121,31 @@ class PruningPlan:
                 raise UsageError(f"plan layer {index}: pruned experts {experts} are not distinct indices below {num_experts[index]}.")
             if len(experts) >= num_experts[index]:
                 raise UsageError(f"plan layer {index} prunes all {num_experts[index]} experts; at least one must stay.")
+        self._check_removed(num_experts)
         if self.replacement == "remove":
             if self.novices:
                 raise UsageError("a removal plan carries no novice vectors.")
             return
-        for index, experts in self.pruned.items():
+        for index in self.pruned:
+            novices = self.novice_ids(index)
             vectors = self.novices.get(index)
-            if experts and (vectors is None or tuple(vectors.shape) != (len(experts), hidden)):
+            if novices and (vectors is None or tuple(vectors.shape) != (len(novices), hidden)):
                 shape = None if vectors is None else tuple(vectors.shape)
-                raise UsageError(f"plan layer {index}: novice vectors have shape {shape}, expected {(len(experts), hidden)}.")
+                raise UsageError(f"plan layer {index}: novice vectors have shape {shape}, expected {(len(novices), hidden)}.")
+
+    def _check_removed(self, num_experts: dict[int, int]) -> None:
+        """``removed`` only in a mixed plan, within ``pruned``, and leaving the router at least top_k experts."""
+        if self.removed and self.replacement != "mixed":
+            raise UsageError(f"a {self.replacement} plan lists removed experts; only a mixed plan does.")
+        if self.replacement == "mixed" and not self.removed:
+            raise UsageError("a mixed plan removes no expert; it would be a novice plan.")
+        top_k = {int(k): int(v) for k, v in self.model.get("top_k", {}).items()}
+        for index, experts in self.removed.items():
+            if not set(experts) <= set(self.pruned.get(index, ())):
+                raise UsageError(f"plan layer {index}: removed experts {experts} are not all pruned there.")
+            if num_experts[index] - len(experts) < top_k.get(index, 1):
+                raise UsageError(f"plan layer {index} removes {len(experts)} of {num_experts[index]} experts, fewer than "
+                                 f"top_k={top_k.get(index)} would stay in the router.")
 
     def validate_for(self, model, check_weights: bool = True) -> None:
         """Raise :class:`PlanMismatchError` naming the mismatch when this plan does not fit ``model``.
@@ -178,6 +205,14 @@ class PruningPlan:
 
     # -- derived --------------------------------------------------------------------------------------
 
+    def novice_ids(self, index: int) -> list[int]:
+        """Pruned experts of layer ``index`` that become novices (all of them except a mixed plan's removed ones;
+        none in a removal plan), in the order of the layer's novice rows."""
+        if self.replacement == "remove":
+            return []
+        removed = set(self.removed.get(index, ()))
+        return [e for e in self.pruned.get(index, ()) if e not in removed]
+
     def kept(self, index: int) -> list[int]:
         """Experts of layer ``index`` that stay real."""
         pruned = set(self.pruned.get(index, ()))
@@ -207,6 +242,7 @@ class PruningPlan:
             },
             "calibration": self.calibration,
             "pruned": {str(k): v for k, v in self.pruned.items()},
+            "removed": {str(k): v for k, v in self.removed.items()},
             "experts": {str(k): v for k, v in self.experts.items()},
         }
 
@@ -218,7 +254,7 @@ class PruningPlan:
         # The novice file names the experts its rows belong to, and plan.json holds the file's hash: a novice file
         # of another plan (even one pruning as many experts) is rejected on load. The ids are tensors, not
         # metadata: safetensors writes a metadata map in random order, which would make the file (and hash) vary.
-        tensors.update({f"{EXPERT_IDS_PREFIX}{k}": torch.tensor(self.pruned[k], dtype=torch.int64)
+        tensors.update({f"{EXPERT_IDS_PREFIX}{k}": torch.tensor(self.novice_ids(k), dtype=torch.int64)
                         for k in self.novices})
         metadata = {"format": FORMAT}
         _atomic_write(directory / NOVICES_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
@@ -272,6 +308,7 @@ class PruningPlan:
             calibration=data.get("calibration", {}),
             experts={int(k): v for k, v in data.get("experts", {}).items()},
             version=int(data["version"]),
+            removed={int(k): v for k, v in data.get("removed", {}).items()},
         )
 
     def summary(self) -> dict[str, Any]:
@@ -282,6 +319,7 @@ class PruningPlan:
             "scope": self.scope,
             "pruned_per_layer": {str(k): len(v) for k, v in self.pruned.items()},
             "num_pruned": self.num_pruned,
+            **({"removed_per_layer": {str(k): len(v) for k, v in self.removed.items()}} if self.removed else {}),
             "num_experts": int(sum(self.model["num_experts"].values())),
         }
 
@@ -322,8 +360,11 @@ def _load_novices(directory: Path, data: dict) -> dict[str, torch.Tensor]:
     rows = {int(key[len(EXPERT_IDS_PREFIX):]): tensors.pop(key).tolist() for key in list(tensors)
             if key.startswith(EXPERT_IDS_PREFIX)}
     if rows:
-        # A layer that prunes nothing has an empty row in both files (ratio 0, or floor(ratio × E) = 0).
-        plan_rows = {int(k): sorted(int(e) for e in v) for k, v in data.get("pruned", {}).items()}
+        # A layer that prunes nothing has an empty row in both files (ratio 0, or floor(ratio × E) = 0). The rows
+        # are the novices: a mixed plan's removed experts have none.
+        removed = {int(k): set(v) for k, v in data.get("removed", {}).items()}
+        plan_rows = {int(k): sorted(int(e) for e in v if e not in removed.get(int(k), ()))
+                     for k, v in data.get("pruned", {}).items()}
         for layer, ids in sorted(rows.items()):
             if plan_rows.get(layer) != sorted(ids):
                 raise UsageError(f"{path} holds novices of layer {layer} for experts {sorted(ids)}, but the plan prunes "

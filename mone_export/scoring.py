@@ -22,13 +22,21 @@ class Method:
 
     ``replacement`` is ``"novice"`` (a constant output, router kept), ``"zero"`` (dropped, router kept)
     or ``"remove"`` (expert and its router row deleted). ``novice_of`` gives a layer's ``[E, H]`` novice
-    constants (the plain mean of each expert's output for MoNE).
+    constants (the plain mean of each expert's output for MoNE). ``removes``, where given, says per expert whether a
+    pruned expert is removed (router row cut, tokens re-routed) rather than made a novice: it needs the measured
+    removal error (``collect_stats(..., measure_removal=True)``).
     """
 
     name: str
     score: Callable[[LayerStats, np.random.Generator], np.ndarray]
     replacement: str
     novice_of: Callable[[LayerStats], np.ndarray] = lambda stats: stats.mean
+    removes: Callable[[LayerStats], np.ndarray] | None = None
+
+    @property
+    def measures_removal(self) -> bool:
+        """Whether the method needs each expert's measured removal error."""
+        return self.removes is not None
 
     @property
     def keeps_router(self) -> bool:
@@ -40,6 +48,17 @@ def _mone_score(stats: LayerStats, rng) -> np.ndarray:
     return stats.routing_score * stats.phi_var
 
 
+def _removal_error(stats: LayerStats) -> np.ndarray:
+    if stats.removal_error is None:
+        raise UsageError("method auto needs each expert's measured removal error: collect the statistics with "
+                         "collect_stats(..., measure_removal=True) (the CLI does this for --method auto).")
+    return stats.removal_error
+
+
+def _auto_score(stats: LayerStats, rng) -> np.ndarray:
+    return np.minimum(stats.novice_error, _removal_error(stats))
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -47,6 +66,9 @@ METHODS: dict[str, Method] = {
         Method("mone-zero", _mone_score, "zero"),
         # Novice error: the layer-output error each novice causes, with the constant that minimises it.
         Method("ne", lambda s, rng: s.novice_error, "novice", novice_of=lambda stats: stats.weighted_mean),
+        # Per expert the cheaper of a novice (its novice error) and removal (its measured removal error).
+        Method("auto", _auto_score, "novice", novice_of=lambda stats: stats.weighted_mean,
+               removes=lambda stats: _removal_error(stats) < stats.novice_error),
         Method("frequency", lambda s, rng: s.frequency, "remove"),
         Method("routing-score", lambda s, rng: s.routing_score, "remove"),
         Method("reap", lambda s, rng: s.reap, "remove"),
@@ -154,11 +176,34 @@ def select_pruned(stats: ExpertStats, scores: dict[int, np.ndarray], ratio: floa
     return _select_global_scope(stats, scores, ratio, method)
 
 
-def _novice_vectors(stats: ExpertStats, pruned: dict[int, list[int]], method: Method) -> dict[int, torch.Tensor]:
+def _removed_experts(stats: ExpertStats, pruned: dict[int, list[int]], method: Method) -> dict[int, list[int]]:
+    """The pruned experts a method removes rather than makes novices; at most E − top_k per layer (the router must
+    still choose top_k), keeping the removals that save the most over a novice."""
+    if not method.measures_removal:
+        return {}
+    removed = {}
+    for index, experts in pruned.items():
+        layer = stats.layers[index]
+        cheaper = method.removes(layer)
+        chosen = [e for e in experts if cheaper[e]]
+        room = layer.num_experts - layer.top_k
+        if len(chosen) > room:
+            saving = layer.novice_error - _removal_error(layer)
+            chosen = sorted(sorted(chosen, key=lambda e: (-saving[e], e))[:room])
+        if chosen:
+            removed[index] = chosen
+    return removed
+
+
+def _novice_vectors(stats: ExpertStats, pruned: dict[int, list[int]], method: Method,
+                    removed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
     if method.replacement == "remove":
         return {}
     vectors = {}
     for index, experts in pruned.items():
+        experts = [e for e in experts if e not in set(removed.get(index, ()))]
+        if not experts and removed.get(index):
+            continue
         means = method.novice_of(stats.layers[index])[experts]
         if method.replacement == "zero":
             means = np.zeros_like(means)
@@ -172,8 +217,9 @@ def plan_pruning(stats: ExpertStats, ratio: float, method: str = "mone", scope: 
     Args:
         stats: calibration statistics from :func:`mone_export.collect_stats`.
         ratio: fraction of routed experts per MoE layer to prune, in [0, 1).
-        method: ``mone`` (default), ``mone-zero``, ``ne`` (novice error), ``frequency``, ``routing-score``,
-            ``reap`` or ``random``.
+        method: ``mone`` (default), ``mone-zero``, ``ne`` (novice error), ``auto`` (per expert the cheaper of a
+            novice and removal, by measured layer-output error; needs ``measure_removal`` statistics),
+            ``frequency``, ``routing-score``, ``reap`` or ``random``.
         scope: ``layer`` (floor(ratio·E) per layer) or ``global`` (same total, ranked across layers).
         seed: seed of the ``random`` method.
 
@@ -186,13 +232,15 @@ def plan_pruning(stats: ExpertStats, ratio: float, method: str = "mone", scope: 
     _check_ratio(ratio)
     scores = layer_scores(stats, chosen, seed)
     pruned = select_pruned(stats, scores, ratio, chosen, scope)
+    removed = _removed_experts(stats, pruned, chosen)
     return PruningPlan.from_selection(
         stats=stats,
         scores=scores,
         pruned=pruned,
-        novices=_novice_vectors(stats, pruned, chosen),
+        novices=_novice_vectors(stats, pruned, chosen, removed),
+        removed=removed,
         method=chosen.name,
-        replacement=chosen.replacement,
+        replacement="mixed" if removed else chosen.replacement,
         ratio=float(ratio),
         scope=scope,
         seed=int(seed),

@@ -413,7 +413,7 @@ def _hidden_of(output) -> torch.Tensor:
 
 def collect_stats_streamed(streamed: LayerStreamedModel, batches: Iterable[torch.Tensor], progress: bool = True,
                            calibration: dict | None = None, *, activation_budget: int | None = None,
-                           scratch: str | os.PathLike | None = None) -> ExpertStats:
+                           scratch: str | os.PathLike | None = None, measure_removal: bool = False) -> ExpertStats:
     """:func:`mone_export.stats.collect_stats` with one decoder layer in memory at a time (module docstring).
 
     The statistics equal an in-memory forward's over the same batches: each layer sees the same inputs and runs
@@ -425,7 +425,8 @@ def collect_stats_streamed(streamed: LayerStreamedModel, batches: Iterable[torch
     if not batches:
         raise UsageError("no calibration batches were given; pass at least one [B, S] token batch.")
     model = streamed.model
-    stats = {layer.index: LayerStats(layer.num_experts, layer.hidden_size, layer.top_k)
+    stats = {layer.index: LayerStats(layer.num_experts, layer.hidden_size, layer.top_k,
+                                     measures_removal=measure_removal)
              for layer in streamed.moe_layers}
     moe_by_index = {layer.index: layer for layer in streamed.moe_layers}
     fingerprint = FingerprintBuilder(streamed.dtype)

@@ -184,3 +184,76 @@ def test_plan_load_validates_against_model(tmp_path):
         PruningPlan.load(tmp_path, model=tiny_model("qwen3_moe", hidden_size=48))
     with pytest.raises(UsageError, match="no plan.json"):
         PruningPlan.load(tmp_path / "missing")
+
+
+def mixed_plan(family, seed=0, ratio=0.5):
+    """An ne plan turned mixed by hand: in each layer the first half of its pruned experts are removed instead."""
+    import dataclasses
+
+    model, stats, plan = calibrated(family, seed=seed, method="ne", ratio=ratio)
+    removed = {index: experts[:len(experts) // 2] for index, experts in plan.pruned.items() if len(experts) > 1}
+    novices = {}
+    for index, experts in plan.pruned.items():
+        rows = [row for row, e in enumerate(experts) if e not in removed.get(index, [])]
+        novices[index] = plan.novices[index][rows]
+    return model, dataclasses.replace(plan, removed=removed, novices=novices, replacement="mixed", method="auto")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_mixed_plan_reroutes_around_removed_experts_and_keeps_novices(family):
+    """Brute force: the router over the remaining experts' rows picks top-k; a picked novice adds g·C, a picked real
+    expert g·f."""
+    model, plan = mixed_plan(family)
+    assert plan.removed and all(plan.novice_ids(i) for i in plan.pruned)
+    adapter, layers = moe_layers_or_error(model)
+    x = torch.randn(19, layers[0].hidden_size, generator=torch.Generator().manual_seed(0)) * 3
+    expected = {}
+    with torch.no_grad():
+        for layer in layers:
+            remaining = [e for e in range(layer.num_experts) if e not in plan.removed.get(layer.index, [])]
+            constant = dict(zip(plan.novice_ids(layer.index), plan.novices[layer.index]))
+            probs = torch.softmax((x @ layer.router.weight[remaining].T).float(), -1)
+            top, pos = torch.topk(probs, layer.top_k, dim=-1)
+            if getattr(layer.router, "norm_topk_prob", True):
+                top = top / top.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for t in range(x.shape[0]):
+                for w, p in zip(top[t], pos[t]):
+                    e = remaining[p]
+                    out[t] += w * (constant[e] if e in constant else expert_forward(layer.experts, e, x[t:t + 1])[0])
+            shared = adapter.shared_output(layer, x)
+            expected[layer.index] = out + (shared if shared is not None else 0)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        for layer in adapter.moe_layers(model):
+            remaining = [e for e in range(plan.model["num_experts"][layer.index])
+                         if e not in plan.removed.get(layer.index, [])]
+            assert layer.num_experts == len(remaining)
+            assert layer.experts.novice_ids == [remaining.index(e) for e in plan.novice_ids(layer.index)]
+            torch.testing.assert_close(layer.block(x[None])[0], expected[layer.index], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_mixed_plan_and_pruned_folder_round_trip(family, tmp_path):
+    model, plan = mixed_plan(family, seed=4)
+    plan.save(tmp_path / "plan")
+    loaded = PruningPlan.load(tmp_path / "plan")
+    assert (loaded.removed, loaded.replacement, loaded.to_dict()) == (plan.removed, "mixed", plan.to_dict())
+    apply_plan(model, loaded)
+    save_pruned(model, None, loaded, tmp_path / "out")
+    reloaded, _ = load_model(tmp_path / "out", attn_implementation="eager")
+    tokens = tiny_batches(seed=6)[0]
+    assert torch.equal(logits(model, tokens), logits(reloaded, tokens))
+
+
+def test_mixed_plan_is_checked():
+    import dataclasses
+
+    _, plan = mixed_plan("mixtral")
+    index = next(iter(plan.removed))
+    with pytest.raises(UsageError, match="not all pruned"):
+        dataclasses.replace(plan, removed={index: [e for e in plan.kept(index)][:1]})
+    with pytest.raises(UsageError, match="only a mixed plan"):
+        dataclasses.replace(plan, replacement="novice")
+    with pytest.raises(UsageError, match="novice vectors have shape"):
+        dataclasses.replace(plan, removed={}, replacement="novice")  # the novice rows are the mixed plan's

@@ -277,3 +277,50 @@ def test_validate_on_cuda(default_export, capsys, fast_validation):
     _, _, out = default_export
     code, _, err = run(["validate", out, "--provider", "cuda", "--quiet"], capsys)
     assert code == 0, err
+
+
+def test_method_auto_exports_with_the_plan_its_measured_errors_choose(model_dir, tmp_path, capsys, fast_validation):
+    """``--method auto`` end to end: the plan records each expert's measured removal error and prunes, per layer, the
+    experts whose cheaper option (novice or removal) costs least: the selection recomputed from statistics collected
+    independently on the same calibration data."""
+    import numpy as np
+
+    from mone_export import calibration_batches, collect_stats, load_model, plan_pruning
+
+    out = tmp_path / "auto"
+    code, _, err = run(["--model", model_dir, "--ratio", "0.5", "--method", "auto", "-o", out, *CALIB, "--quiet"],
+                       capsys)
+    assert code == 0, err
+    plan = PruningPlan.load(out / "plan")
+    model, tokenizer = load_model(str(model_dir))
+    stats = collect_stats(model, calibration_batches("python-code", tokenizer, 6, 24, seed=0), progress=False,
+                          measure_removal=True)
+    expected = plan_pruning(stats, 0.5, "auto")
+    assert plan.method == "auto" and (plan.pruned, plan.removed) == (expected.pruned, expected.removed)
+    for index, layer in stats.layers.items():
+        np.testing.assert_allclose(plan.experts[index]["removal_error"], layer.removal_error, rtol=1e-6)
+        cost = np.minimum(layer.novice_error, layer.removal_error)
+        assert plan.pruned[index] == sorted(np.argsort(cost, kind="stable")[:len(plan.pruned[index])].tolist())
+
+
+def test_a_mixed_plan_exports_without_its_removed_experts_and_passes_parity(model_dir, tmp_path, capsys,
+                                                                            fast_validation):
+    """A plan mixing novices and removed experts in one layer (as ``auto`` makes them) exports through ``--plan``:
+    the parity gate against the pruned PyTorch model passes, and the graph holds exactly the remaining real experts'
+    weights (the export's size equals its lower bound)."""
+    import dataclasses
+
+    from mone_export import calibration_batches, collect_stats, load_model, plan_pruning
+
+    model, tokenizer = load_model(str(model_dir))
+    stats = collect_stats(model, calibration_batches("python-code", tokenizer, 6, 24, seed=0), progress=False)
+    ne = plan_pruning(stats, 0.5, "ne")
+    removed = {index: experts[:1] for index, experts in ne.pruned.items()}
+    novices = {index: ne.novices[index][1:] for index in ne.pruned}
+    dataclasses.replace(ne, removed=removed, novices=novices, replacement="mixed", method="auto").save(tmp_path / "plan")
+    out = tmp_path / "mixed"
+    code, stdout, err = run(["--model", model_dir, "--plan", tmp_path / "plan", "-o", out, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["passed"] and report["removed_per_layer"] == {str(i): 1 for i in removed}
+    assert report["weights"]["pruned_bytes"] <= report["weights"]["lower_bound_bytes"] * 1.001

@@ -30,14 +30,17 @@ RANK_SCRIPT = textwrap.dedent('''
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 97, (2, 11), generator=gen) for _ in range(5)]
     model = LayerStreamedModel(folder) if streamed else load_model(folder)[0]
-    stats = collect_stats_distributed(model, batches, progress=False)
+    stats = collect_stats_distributed(model, batches, progress=False, measure_removal=True)
     plan = plan_pruning(stats, 0.5, "mone")
     ne_plan = plan_pruning(stats, 0.5, "ne")
-    layers = {str(i): {k: getattr(l, k).tolist() for k in ("count", "routing_sum", "reap_sum", "mean", "m2", "sq_weight_sum", "weighted_mean", "weighted_m2")}
+    auto_plan = plan_pruning(stats, 0.5, "auto")
+    layers = {str(i): {k: getattr(l, k).tolist() for k in ("count", "routing_sum", "reap_sum", "mean", "m2", "sq_weight_sum", "weighted_mean", "weighted_m2", "removal_sq_sum")}
               | {"num_tokens": l.num_tokens} for i, l in stats.layers.items()}
     with open(f"{out}.{dist.get_rank()}.json", "w") as handle:
         json.dump({"pruned": {str(k): v for k, v in plan.pruned.items()},
                    "ne_pruned": {str(k): v for k, v in ne_plan.pruned.items()}, "layers": layers,
+                   "auto": [{str(k): v for k, v in auto_plan.pruned.items()},
+                            {str(k): v for k, v in auto_plan.removed.items()}],
                    "tokens": stats.calibration["tokens"]}, handle)
     dist.barrier()
     dist.destroy_process_group()
@@ -71,7 +74,7 @@ def test_two_gloo_ranks_merge_to_the_single_process_statistics_and_plan(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs: fp32 kernels may round differently with other thread counts
     try:
-        single = collect_stats(model, batches, progress=False)
+        single = collect_stats(model, batches, progress=False, measure_removal=True)
     finally:
         torch.set_num_threads(threads)
     expected_plan = {str(k): v for k, v in plan_pruning(single, 0.5, "mone").pruned.items()}
@@ -80,10 +83,13 @@ def test_two_gloo_ranks_merge_to_the_single_process_statistics_and_plan(tmp_path
         assert ranks[0] == ranks[1]  # every rank holds the same merged statistics
         assert ranks[0]["pruned"] == expected_plan and ranks[0]["tokens"] == 5 * 22
         assert ranks[0]["ne_pruned"] == {str(k): v for k, v in plan_pruning(single, 0.5, "ne").pruned.items()}
+        auto = plan_pruning(single, 0.5, "auto")
+        assert ranks[0]["auto"] == [{str(k): v for k, v in auto.pruned.items()}, {str(k): v for k, v in auto.removed.items()}]
         for index, layer in single.layers.items():
             merged = ranks[0]["layers"][str(index)]
             assert merged["num_tokens"] == layer.num_tokens
-            for key in ("count", "routing_sum", "reap_sum", "mean", "m2", "sq_weight_sum", "weighted_mean", "weighted_m2"):
+            for key in ("count", "routing_sum", "reap_sum", "mean", "m2", "sq_weight_sum", "weighted_mean", "weighted_m2",
+                        "removal_sq_sum"):
                 np.testing.assert_allclose(np.asarray(merged[key]), getattr(layer, key), rtol=1e-9,
                                            atol=1e-12 * float(np.abs(getattr(layer, key)).max() or 1), err_msg=key)
 

@@ -213,3 +213,123 @@ def test_unused_expert_has_zero_stats():
     assert layer.var[1].tolist() == [0, 0] and layer.mean[1].tolist() == [0, 0] and layer.reap[1] == 0
     layer.add_expert_outputs(2, np.ones((1, 2)), np.ones(1))
     assert layer.var[2].tolist() == [0, 0]  # count 1: variance 0
+
+
+def _block_inputs_and_outputs(model, run):
+    """Every MoE block's inputs and outputs during ``run()``, per layer, in call order."""
+    from mone_export.adapters import moe_layers_or_error
+
+    _, layers = moe_layers_or_error(model)
+    seen = {layer.index: [] for layer in layers}
+
+    def record(index):
+        def hook(module, args, out):
+            seen[index].append((args[0].detach().clone(), (out[0] if isinstance(out, tuple) else out).detach().clone()))
+        return hook
+
+    hooks = [layer.block.register_forward_hook(record(layer.index)) for layer in layers]
+    try:
+        result = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result, seen
+
+
+def _mean_block_change(pruned, seen, num_tokens):
+    """Per MoE layer of ``pruned``: Σ over the recorded calls of ‖block(input) − recorded output‖², over ``num_tokens``."""
+    from mone_export.adapters import moe_layers_or_error
+
+    _, layers = moe_layers_or_error(pruned)
+    change = {}
+    with torch.no_grad():
+        for layer in layers:
+            total = 0.0
+            for x, before in seen[layer.index]:
+                out = layer.block(x)
+                out = out[0] if isinstance(out, tuple) else out
+                total += float(((out - before) ** 2).sum())
+            change[layer.index] = total / num_tokens
+    return change
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_removal_error_is_the_measured_change_of_the_layer_output(family):
+    """Each expert in turn is removed (router row cut, its tokens re-routed) in every layer: the mean squared change
+    of each MoE block's output on the calibration tokens, over two batches, equals that expert's measured
+    removal_error. qwen2_moe and olmoe do not renormalise their top-k: removal changes every token's weights."""
+    import dataclasses
+
+    from mone_export import apply_plan, collect_stats
+    from tiny_models import tiny_batches, tiny_model
+
+    model = tiny_model(family, seed=3).double()
+    batches = tiny_batches(num=2, batch=2, seq=11, seed=2)
+    # The blocks' inputs and outputs come from a plain run: measuring calls each block again to re-route.
+    plain, seen = _block_inputs_and_outputs(model, lambda: collect_stats(model, batches, progress=False))
+    stats = collect_stats(model, batches, progress=False, measure_removal=True)
+    for index, layer in stats.layers.items():  # measuring the removal changes no other statistic
+        np.testing.assert_array_equal(layer.weighted_m2, plain.layers[index].weighted_m2)
+        assert plain.layers[index].removal_error is None
+    frequency = plan_pruning(stats, 0.25, "frequency")
+    num_experts = next(iter(stats.layers.values())).num_experts
+    for expert in range(num_experts):
+        plan = dataclasses.replace(frequency, pruned={index: [expert] for index in stats.layers})
+        change = _mean_block_change(apply_plan(tiny_model(family, seed=3).double(), plan), seen, stats.num_tokens)
+        for index, layer in stats.layers.items():
+            np.testing.assert_allclose(layer.removal_error[expert], change[index], rtol=1e-7, atol=1e-14)
+            assert layer.removal_error[expert] > 0
+
+
+def test_removal_error_is_infinite_where_removal_is_impossible_and_auto_then_makes_novices():
+    """deepseek_v2 with group-limited routing cannot lose one expert: its removal error is inf, the plan records
+    None (JSON has no infinity), and auto makes the same novices as ne."""
+    from mone_export import collect_stats
+    from tiny_models import tiny_batches, tiny_model
+
+    model = tiny_model("deepseek_v2", seed=3)
+    stats = collect_stats(model, tiny_batches(num=1, batch=2, seq=11, seed=2), progress=False, measure_removal=True)
+    layer = next(iter(stats.layers.values()))
+    assert np.isinf(layer.removal_error).all()
+    auto, ne = plan_pruning(stats, 0.5, "auto"), plan_pruning(stats, 0.5, "ne")
+    assert auto.replacement == "novice" and not auto.removed and auto.pruned == ne.pruned
+    assert all(v is None for entry in auto.experts.values() for v in entry["removal_error"])
+    for index in ne.novices:
+        torch.testing.assert_close(auto.novices[index], ne.novices[index], rtol=0, atol=0)
+
+
+def test_auto_without_measured_removal_is_a_clear_error():
+    from mone_export import collect_stats
+    from tiny_models import tiny_batches, tiny_model
+
+    model = tiny_model("mixtral", seed=3)
+    stats = collect_stats(model, tiny_batches(num=1, batch=2, seq=11, seed=2), progress=False)
+    with pytest.raises(UsageError, match="measure_removal"):
+        plan_pruning(stats, 0.5, "auto")
+
+
+def test_auto_takes_per_expert_the_cheaper_of_novice_and_removal():
+    """Hand-made errors: auto prunes the experts whose cheaper option is smallest, removes those whose removal is
+    cheaper, and never removes so many that the router keeps fewer than top_k experts."""
+    layer = LayerStats(6, 1, 2, measures_removal=True)
+    layer.num_tokens = 1
+    layer.count[:] = 1
+    layer.sq_weight_sum[:] = 1.0
+    layer.weighted_mean[:, 0] = np.arange(6) * 10.0
+    layer.weighted_m2[:, 0] = [5.0, 1.0, 9.0, 2.0, 8.0, 7.0]  # novice errors
+    layer.removal_sq_sum[:] = [0.5, 3.0, 0.7, 0.1, 9.0, 0.2]  # removal errors
+    stats = ExpertStats("mixtral", 2, {1: layer})
+    plan = plan_pruning(stats, 0.5, "auto")  # costs 0.5, 1, 0.7, 0.1, 8, 0.2: prune 3, 5, 0
+    assert plan.pruned == {1: [0, 3, 5]} and plan.removed == {1: [0, 3, 5]} and plan.replacement == "mixed"
+    assert plan.novice_ids(1) == [] and 1 not in plan.novices
+    plan = plan_pruning(stats, 0.67, "auto")  # prune 3, 5, 0, 2: removal cheaper for all; room for 4 = 6 − top_k
+    assert plan.pruned == {1: [0, 2, 3, 5]} and plan.removed == {1: [0, 2, 3, 5]}
+    layer.removal_sq_sum[1] = 2.0
+    plan = plan_pruning(stats, 0.84, "auto")  # five pruned; 1 is a novice (1 < 2), four removed at most
+    assert plan.pruned == {1: [0, 1, 2, 3, 5]} and plan.removed == {1: [0, 2, 3, 5]}
+    assert plan.novice_ids(1) == [1]
+    np.testing.assert_allclose(plan.novices[1].numpy(), [[10.0]])
+    layer.novice_error  # noqa: B018 (a property: no side effects)
+    layer.weighted_m2[:, 0] = [0.01, 1.0, 0.02, 0.03, 8.0, 0.04]  # novices now cheaper than removal for 0, 2, 3, 5
+    plan = plan_pruning(stats, 0.67, "auto")
+    assert plan.pruned == {1: [0, 2, 3, 5]} and plan.replacement == "novice" and not plan.removed

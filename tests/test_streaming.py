@@ -44,6 +44,22 @@ def test_tiny_models_of_every_family_stream_to_the_same_statistics(family, tmp_p
     assert plan_pruning(in_memory, 0.5, "mone").pruned == plan_pruning(streamed, 0.5, "mone").pruned
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_removal_errors_stream_to_the_same_values(family, tmp_path):
+    """The removal error (method auto) measured one decoder layer at a time equals the in-memory measurement
+    (deepseek_v2's group-limited layers: inf on both sides)."""
+    folder = tmp_path / family
+    tiny_model(family, seed=0).save_pretrained(folder)
+    model, _ = load_model(folder)
+    batches = tiny_batches(vocab_size=model.config.vocab_size, num=2, batch=2, seq=11)
+    in_memory = collect_stats(model, batches, progress=False, measure_removal=True)
+    streamed = collect_stats_streamed(LayerStreamedModel(folder), batches, progress=False, measure_removal=True)
+    assert_same_stats(in_memory, streamed)
+    assert all(layer.measures_removal and layer.removal_sq_sum.any() for layer in streamed.layers.values())
+    a, b = plan_pruning(in_memory, 0.5, "auto"), plan_pruning(streamed, 0.5, "auto")
+    assert (a.pruned, a.removed) == (b.pruned, b.removed)
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_models_stream_to_the_same_statistics(name):
     model, _ = load_model(name)
