@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from mone_export import apply_plan, calibration_batches, collect_stats, load_model, plan_pruning
 from mone_export.evaluate import EVAL_SETTINGS, eval_batches
 from mone_export.loading import BUNDLED_MODELS
+from mone_export.scoring import METHODS as METHOD_OF
 
-METHODS = ["mone", "mone-zero", "ne", "frequency", "routing-score", "reap", "random"]
+METHODS = ["mone", "mone-zero", "ne", "auto", "frequency", "routing-score", "reap", "random"]
 SOURCES = ["python-code", "python-docs"]
 RANDOM_SEEDS = [0, 1, 2]
 
@@ -128,7 +129,8 @@ def run_model(name, args, log, reuse: dict | None = None) -> list[dict]:
             if not todo:
                 continue
             batches = calibration_batches(calib, tokenizer, samples, args.seq_len, seed=0)
-            stats = collect_stats(model, batches, progress=False)
+            measure = any(METHOD_OF[method].measures_removal for _, method in todo)  # auto: removal errors
+            stats = collect_stats(model, batches, progress=False, measure_removal=measure)
             for ratio, method in todo:
                 seeds = RANDOM_SEEDS if method == "random" else [0]
                 results = []

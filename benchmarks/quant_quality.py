@@ -21,7 +21,7 @@ from pathlib import Path
 
 MODELS = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v2")
 RATIOS = (0.25, 0.5)
-METHODS = ("mone", "mone-zero", "ne", "frequency", "routing-score", "reap", "random")
+METHODS = ("mone", "mone-zero", "ne", "auto", "frequency", "routing-score", "reap", "random")
 FORMATS = ("fp32", "int8", "int4")
 SOURCES = ("python-code", "python-docs")
 

@@ -69,7 +69,7 @@ def render_markdown(report: dict) -> str:
     verdict = "not validated" if status is None else ("**passed**" if status else "**FAILED**")
     lines += [
         f"- method `{report.get('method')}`, ratio {report.get('ratio')}, scope `{report.get('scope')}`; "
-        f"{report.get('num_pruned', 0)} of {report.get('num_experts', 0)} routed experts pruned",
+        f"{report.get('num_pruned', 0)} of {report.get('num_experts', 0)} routed experts pruned{_removed_text(report)}",
         f"- export: `{report.get('onnx', 'model.onnx')}`, dtype {report.get('dtype')}{_quant_text(report)}, "
         f"validated on "
         f"{report.get('provider')}: {verdict}",
@@ -242,6 +242,12 @@ def _half_summary(validation: dict) -> str:
     return text
 
 
+def _removed_text(report: dict) -> str:
+    """How many of a mixed plan's pruned experts were removed rather than made novices ("" for other plans)."""
+    removed = sum((report.get("removed_per_layer") or {}).values())
+    return f" ({removed} removed with their router rows, the rest novices)" if removed else ""
+
+
 def summary_text(report: dict) -> str:
     """The CLI's closing summary: experts pruned per layer, weight bytes, parity figures, latency ratios."""
     if report.get("command") == "validate":
@@ -250,7 +256,8 @@ def summary_text(report: dict) -> str:
     else:
         lines = [f"{report.get('command', 'export')}: {report.get('model')} ({report.get('model_type')}), method "
                  f"{report.get('method')}, ratio {report.get('ratio')}, scope {report.get('scope')}: "
-                 f"{report.get('num_pruned', 0)} of {report.get('num_experts', 0)} routed experts pruned"]
+                 f"{report.get('num_pruned', 0)} of {report.get('num_experts', 0)} routed experts pruned"
+                 f"{_removed_text(report)}"]
     rows = _pruned_rows(report)
     if rows:
         lines.append("  pruned per layer: " + ", ".join(f"{layer}: {n}/{e}" for layer, n, e, _ in rows))

@@ -137,7 +137,7 @@ def test_random_is_seeded():
 
 
 def test_every_method_is_known():
-    assert set(METHODS) == {"mone", "mone-zero", "ne", "frequency", "routing-score", "reap", "random"}
+    assert set(METHODS) == {"mone", "mone-zero", "ne", "auto", "frequency", "routing-score", "reap", "random"}
 
 
 def test_ne_scores_the_weighted_error_and_keeps_the_weighted_mean():
