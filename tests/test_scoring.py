@@ -333,3 +333,30 @@ def test_auto_takes_per_expert_the_cheaper_of_novice_and_removal():
     layer.weighted_m2[:, 0] = [0.01, 1.0, 0.02, 0.03, 8.0, 0.04]  # novices now cheaper than removal for 0, 2, 3, 5
     plan = plan_pruning(stats, 0.67, "auto")
     assert plan.pruned == {1: [0, 2, 3, 5]} and plan.replacement == "novice" and not plan.removed
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_layer_output_errors_of_one_expert_plans_are_its_novice_and_removal_errors(family):
+    """layer_output_errors runs each plan's pruned blocks on the recorded inputs: with one pruned expert per layer it
+    must give that expert's novice_error (ne) and removal_error (removal), computed by the statistics another way;
+    the model is left as it was."""
+    import dataclasses
+
+    from mone_export import collect_stats
+    from mone_export.layer_errors import layer_output_errors
+    from tiny_models import tiny_batches, tiny_model
+
+    model = tiny_model(family, seed=3).double()
+    batches = tiny_batches(num=2, batch=2, seq=11, seed=2)
+    stats = collect_stats(model, batches, progress=False, measure_removal=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ratio = 1 / next(iter(stats.layers.values())).num_experts
+    ne = plan_pruning(stats, ratio, "ne")
+    removal = dataclasses.replace(plan_pruning(stats, ratio, "frequency"), pruned=ne.pruned)
+    errors = layer_output_errors(model, batches, [ne, removal])
+    for index, layer in stats.layers.items():
+        expert = ne.pruned[index][0]
+        np.testing.assert_allclose(errors[0][index], layer.novice_error[expert], rtol=1e-6)
+        np.testing.assert_allclose(errors[1][index], layer.removal_error[expert], rtol=1e-6)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
