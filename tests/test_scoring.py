@@ -215,6 +215,13 @@ def test_unused_expert_has_zero_stats():
     assert layer.var[2].tolist() == [0, 0]  # count 1: variance 0
 
 
+def _tiny(family: str, seed: int):
+    """A tiny model of a family of tiny_models, or of any model type (Llama 4) through its own config helper."""
+    from tiny_models import CONFIGS, tiny_model, tiny_model_of
+
+    return tiny_model(family, seed=seed) if family in CONFIGS else tiny_model_of(family, seed=seed)
+
+
 def _block_inputs_and_outputs(model, run):
     """Every MoE block's inputs and outputs during ``run()``, per layer, in call order."""
     from mone_export.adapters import moe_layers_or_error
@@ -253,17 +260,18 @@ def _mean_block_change(pruned, seen, num_tokens):
     return change
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4_text"])
 def test_removal_error_is_the_measured_change_of_the_layer_output(family):
     """Each expert in turn is removed (router row cut, its tokens re-routed) in every layer: the mean squared change
     of each MoE block's output on the calibration tokens, over two batches, equals that expert's measured
-    removal_error. qwen2_moe and olmoe do not renormalise their top-k: removal changes every token's weights."""
+    removal_error. qwen2_moe and olmoe do not renormalise their top-k: removal changes every token's weights; Llama 4's
+    experts scale their input (the re-routed token's new expert runs on g'·x)."""
     import dataclasses
 
     from mone_export import apply_plan, collect_stats
-    from tiny_models import tiny_batches, tiny_model
+    from tiny_models import tiny_batches
 
-    model = tiny_model(family, seed=3).double()
+    model = _tiny(family, seed=3).double()
     batches = tiny_batches(num=2, batch=2, seq=11, seed=2)
     # The blocks' inputs and outputs come from a plain run: measuring calls each block again to re-route.
     plain, seen = _block_inputs_and_outputs(model, lambda: collect_stats(model, batches, progress=False))
@@ -275,7 +283,7 @@ def test_removal_error_is_the_measured_change_of_the_layer_output(family):
     num_experts = next(iter(stats.layers.values())).num_experts
     for expert in range(num_experts):
         plan = dataclasses.replace(frequency, pruned={index: [expert] for index in stats.layers})
-        change = _mean_block_change(apply_plan(tiny_model(family, seed=3).double(), plan), seen, stats.num_tokens)
+        change = _mean_block_change(apply_plan(_tiny(family, seed=3).double(), plan), seen, stats.num_tokens)
         for index, layer in stats.layers.items():
             np.testing.assert_allclose(layer.removal_error[expert], change[index], rtol=1e-7, atol=1e-14)
             assert layer.removal_error[expert] > 0
