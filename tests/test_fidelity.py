@@ -34,6 +34,12 @@ def test_reduced_fidelity_run_matches_the_card():
             assert 0.0 < row[f"{source}_agreement"] < 1.0
     table = fidelity.markdown(rows)
     assert "| 0.5 | mone |" in table and "| 0.5 | frequency |" in table
+    # --reuse: a second run adds a method and takes the rows measured before as they are.
+    args.methods = ["mone", "auto", "frequency"]
+    again = fidelity.run_model("mixtral", args, logging.getLogger("test"), {fidelity.row_key(r): r for r in pruned})
+    assert [r for r in again if r["method"] in ("mone", "frequency")] == pruned
+    auto = next(r for r in again if r["method"] == "auto")
+    assert all(math.isfinite(auto[f"{source}_ppl"]) for source in fidelity.SOURCES)
 
 
 def test_summary_counts_cells_won_against_every_removal_baseline():
