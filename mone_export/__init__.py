@@ -6,7 +6,7 @@ Python API::
 
     model, tokenizer = load_model("mixtral")
     stats = collect_stats(model, calibration_batches("python-code", tokenizer, num_samples=64, seq_len=256))
-    plan = plan_pruning(stats, ratio=0.5, method="mone")
+    plan = plan_pruning(stats, ratio=0.5)  # method "ne" (novice error); "mone" is the paper's
     apply_plan(model, plan)          # in place
     plan.save("out/plan")
 """

@@ -72,10 +72,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     """--method, --scope and the calibration data options."""
     from mone_export.calibration import SOURCES
-    from mone_export.scoring import METHODS, SCOPES
+    from mone_export.scoring import DEFAULT_METHOD, METHODS, SCOPES
 
     group = parser.add_argument_group("Pruning")
-    group.add_argument("--method", default="mone", help=f"scoring method: {', '.join(METHODS)} (default mone)")
+    group.add_argument("--method", default=DEFAULT_METHOD,
+                       help=f"scoring method: {', '.join(METHODS)} (default {DEFAULT_METHOD})")
     group.add_argument("--scope", default="layer", help=f"selection scope: {', '.join(SCOPES)} (default layer)")
     group = parser.add_argument_group("Calibration")
     group.add_argument("--calib", default="python-code",

@@ -28,6 +28,7 @@ from typing import Iterator
 from mone_export.architectures import check_exportable
 from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
+from mone_export.scoring import DEFAULT_METHOD
 from mone_export.process_memory import available_memory_bytes
 
 __all__ = ["EXPORT_DTYPES", "STREAMING_MEMORY_FRACTION", "check_onnx_file", "export_model", "export_model_streamed",
@@ -137,7 +138,7 @@ def check_tolerance(atol: float | None) -> None:
 class ExportOptions:
     """How :func:`export_model` prunes, writes and checks a model (the CLI's options, as one value)."""
 
-    method: str = "mone"
+    method: str = DEFAULT_METHOD
     """Scoring and replacement method (see ``mone-export prune``)."""
     scope: str = "layer"
     """Experts ranked per layer or globally."""

@@ -18,7 +18,7 @@ from mone_export.errors import UsageError
 from mone_export.experts_plot import plot_experts
 from mone_export.loading import check_output_dir, load_model, preflight_model, resolve_model_path, save_pruned
 from mone_export.novices import apply_plan
-from mone_export.scoring import check_ratio_feasible, method_or_error, plan_pruning, scope_or_error
+from mone_export.scoring import DEFAULT_METHOD, check_ratio_feasible, method_or_error, plan_pruning, scope_or_error
 from mone_export.stats import collect_stats
 
 __all__ = ["CalibrationOptions", "check_pruning_options", "check_sequence_length", "calibrate_and_plan", "preflight",
@@ -157,7 +157,7 @@ def secondary_rank_report(command: str, plan) -> dict:
             "output_written": False, "exit_code": 0}
 
 
-def prune(model: str, ratio: float, output: str, method: str = "mone", scope: str = "layer",
+def prune(model: str, ratio: float, output: str, method: str = DEFAULT_METHOD, scope: str = "layer",
           calib: CalibrationOptions = CalibrationOptions(), dtype: str = "fp32", overwrite: bool = False,
           progress: bool = True) -> dict:
     """Load → calibrate → plan → apply → save the pruned model and its plan into ``output``; return the report."""

@@ -115,7 +115,7 @@ def test_validate_good_export_exits_0(default_export, capsys, fast_validation):
     code, stdout, err = run(["validate", out, "--no-latency", "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
-    assert report["passed"] and report["command"] == "validate" and report["method"] == "mone"
+    assert report["passed"] and report["command"] == "validate" and report["method"] == "ne"  # the default
 
 
 def test_validate_corrupted_export_exits_1_naming_output(default_export, tmp_path, capsys, fast_validation):

@@ -34,7 +34,7 @@ def test_prune_writes_a_reloadable_model_and_plan(model_dir, tmp_path, capsys):
                           capsys)
     assert code == 0
     report = json.loads(stdout)
-    assert report["pruned_per_layer"] == {"0": 3, "2": 3} and report["method"] == "mone"
+    assert report["pruned_per_layer"] == {"0": 3, "2": 3} and report["method"] == "ne"  # the default
     plan = PruningPlan.load(out / "plan")
     assert plan.calibration["samples"] == 6 and plan.calibration["seq_len"] == 12
     assert plan.calibration["tokens"] == 72
