@@ -132,7 +132,7 @@ def measure_pipeline(folder: Path, out: Path, ratio: float, samples: int, seq: i
     ``validate OUT --streaming on`` (ONNX Runtime session + the layer-streamed, teacher-forced PyTorch reference).
     Returns each one's peak RSS, wall seconds and stage seconds, the bytes, and the validation summary."""
     code, report, peak, wall = _run_tree([
-        "--model", str(folder), "--ratio", str(ratio), "--streaming", "on", "--calib", "random", "--calib-samples",
+        "--model", str(folder), "--ratio", str(ratio), "--method", "mone", "--streaming", "on", "--calib", "random", "--calib-samples",
         str(samples), "--seq-len", str(seq), "-o", str(out), "--overwrite", "--no-validate", "--json", "--quiet"])
     row = {"export": {"exit_code": code, "peak_rss_bytes": peak, "wall_seconds": wall,
                       "stage_seconds": report["timings"]}, "weights": report["weights"]}

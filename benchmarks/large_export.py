@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     stats = collect_stats(model, calibration_batches("random", None, 4, 64, vocab_size=8192), progress=False)
-    apply_plan(model, plan_pruning(stats, 0.25))
+    apply_plan(model, plan_pruning(stats, 0.25, method="mone"))
     started = time.perf_counter()
     path = export_onnx(model, Path(args.out), progress=True)
     seconds = time.perf_counter() - started

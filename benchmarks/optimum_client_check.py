@@ -285,7 +285,8 @@ def compare_folder(folder: str, seen: dict, prompts: list[str], texts: list[str]
 
 def export_bundled(name: str, out: Path, ratio: float) -> float:
     """``mone-export --model NAME --ratio R --calib-samples 8 --seq-len 64 -o OUT``; returns its seconds."""
-    command = [sys.executable, "-m", "mone_export.cli", "--model", name, "--ratio", str(ratio), "--calib-samples", "8",
+    command = [sys.executable, "-m", "mone_export.cli", "--model", name, "--ratio", str(ratio), "--method", "mone",
+               "--calib-samples", "8",
                "--seq-len", "64", "-o", str(out), "--overwrite", "--quiet"]
     start = time.perf_counter()
     subprocess.run(command, check=True)

@@ -68,7 +68,7 @@ def prepare(folder: Path, ratio: float) -> None:
     write_transformers4_checkpoint(model, SHAPE, folder / "hf4")
     export_onnx(model, folder / "mone-0", progress=False)
     batches = calibration_batches("random", None, 16, 128, seed=0, vocab_size=SHAPE["vocab_size"])
-    apply_plan(model, plan_pruning(collect_stats(model, batches, progress=False), ratio))
+    apply_plan(model, plan_pruning(collect_stats(model, batches, progress=False), ratio, method="mone"))
     export_onnx(model, folder / f"mone-{ratio}", progress=False)
     print(f"prepared {folder}", file=sys.stderr)
 

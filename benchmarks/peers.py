@@ -164,7 +164,7 @@ def _our_exports(folder: Path, family: str) -> None:
         out = folder / _our_name(family, ratio, "fp32" if quant == "none" else quant, attention, block)
         first = folder / _our_name(family, ratio, "fp32", "auto")
         plan = first / "plan" if out != first else None
-        export_model(model, None if plan else ratio, out, plan_dir=plan, calib=calib, quant=quant,
+        export_model(model, None if plan else ratio, out, plan_dir=plan, calib=calib, quant=quant, method="mone",
                      quant_block_size=block, attention=attention, validate=False, overwrite=True, progress=False,
                      streaming="off")
         print(f"exported {out}", file=sys.stderr)
