@@ -137,7 +137,7 @@ def _check_group_removal(layer: MoeLayer, pruned: list[int]) -> None:
     if len(set(lost)) != 1:
         raise UsageError(
             f"layer {layer.index} uses group-limited routing ({groups} groups) and removal would take {lost} experts "
-            "from its groups; removal needs equal losses per group. Use --method mone, ne or mone-zero (router kept)."
+            "from its groups; removal needs equal losses per group. Use --method ne, mone, mone-zero or auto (router kept)."
         )
 
 
@@ -154,13 +154,13 @@ def _router_rows(layer: MoeLayer) -> list[str]:
         raise UsageError(
             f"the router of layer {layer.index} ({type(router).__name__}) keeps per-expert tensors removal does not "
             f"know how to cut ({', '.join(sorted(uncut)[:3])}); removal methods cannot prune this model. Use "
-            "--method mone, ne or mone-zero: they keep the router."
+            "--method ne, mone, mone-zero or auto: they keep the router (auto then makes novices only)."
         )
     if "weight" not in rows or weight.dim() != 2:
         raise UsageError(
             f"the router of layer {layer.index} ({type(router).__name__}) has no [experts, hidden] weight that removal "
             "could cut; removal methods (frequency, routing-score, reap, random) cannot prune this model. Use "
-            "--method mone, ne or mone-zero: they keep the router."
+            "--method ne, mone, mone-zero or auto: they keep the router (auto then makes novices only)."
         )
     return rows
 

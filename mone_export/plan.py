@@ -64,12 +64,14 @@ class PruningPlan:
     model: dict[str, Any]
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     experts: dict[int, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
-    version: int = PLAN_VERSION
+    version: int | None = None
     removed: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.pruned = {int(k): sorted(int(e) for e in v) for k, v in sorted(self.pruned.items())}
         self.removed = {int(k): sorted(int(e) for e in v) for k, v in sorted(self.removed.items()) if v}
+        if self.version is None or self.removed:  # a new plan, or a mixed one: the version it is written as
+            self.version = max(self.version or 0, self._written_version())
         self.novices = {int(k): v for k, v in sorted(self.novices.items())}
         self.check()
 
@@ -205,6 +207,10 @@ class PruningPlan:
 
     # -- derived --------------------------------------------------------------------------------------
 
+    def _written_version(self) -> int:
+        """Only a mixed plan needs version 3; any other is written as version 2, which earlier releases read."""
+        return PLAN_VERSION if self.removed else 2
+
     def novice_ids(self, index: int) -> list[int]:
         """Pruned experts of layer ``index`` that become novices (all of them except a mixed plan's removed ones;
         none in a removal plan), in the order of the layer's novice rows."""
@@ -258,7 +264,8 @@ class PruningPlan:
                         for k in self.novices})
         metadata = {"format": FORMAT}
         _atomic_write(directory / NOVICES_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
-        data = {**self.to_dict(), "version": PLAN_VERSION, "novices_sha256": _file_sha256(directory / NOVICES_FILE)}
+        data = {**self.to_dict(), "version": self._written_version(),
+                "novices_sha256": _file_sha256(directory / NOVICES_FILE)}
         text = json.dumps(data, indent=1, sort_keys=True)
         _atomic_write(directory / PLAN_FILE, lambda p: p.write_text(text + "\n"))
         return directory

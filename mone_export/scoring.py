@@ -232,7 +232,8 @@ def plan_pruning(stats: ExpertStats, ratio: float, method: str = DEFAULT_METHOD,
 
     Returns:
         A :class:`PruningPlan` whose ``pruned`` maps decoder-layer index to sorted pruned experts and whose
-        ``novices`` maps it to ``[n_pruned, H]`` float32 replacement vectors (absent for removal methods).
+        ``novices`` maps it to ``[n_novices, H]`` float32 novice vectors (absent for removal methods, and for a
+        mixed plan's layers whose pruned experts are all removed); ``removed`` lists a mixed plan's removed experts.
     """
     chosen = method_or_error(method)
     scope_or_error(scope)

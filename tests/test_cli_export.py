@@ -282,7 +282,8 @@ def test_validate_on_cuda(default_export, capsys, fast_validation):
 def test_method_auto_exports_with_the_plan_its_measured_errors_choose(model_dir, tmp_path, capsys, fast_validation):
     """``--method auto`` end to end: the plan records each expert's measured removal error and prunes, per layer, the
     experts whose cheaper option (novice or removal) costs least: the selection recomputed from statistics collected
-    independently on the same calibration data."""
+    independently on the same calibration data. (On this model every removal costs more than the novice, so the plan
+    is a novice plan; the next test exports a mixed one.)"""
     import numpy as np
 
     from mone_export import calibration_batches, collect_stats, load_model, plan_pruning
@@ -297,6 +298,7 @@ def test_method_auto_exports_with_the_plan_its_measured_errors_choose(model_dir,
                           measure_removal=True)
     expected = plan_pruning(stats, 0.5, "auto")
     assert plan.method == "auto" and (plan.pruned, plan.removed) == (expected.pruned, expected.removed)
+    assert plan.replacement == expected.replacement
     for index, layer in stats.layers.items():
         np.testing.assert_allclose(plan.experts[index]["removal_error"], layer.removal_error, rtol=1e-6)
         cost = np.minimum(layer.novice_error, layer.removal_error)

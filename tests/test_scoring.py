@@ -289,6 +289,36 @@ def test_removal_error_is_the_measured_change_of_the_layer_output(family):
             assert layer.removal_error[expert] > 0
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_measuring_removal_leaves_the_model_as_it_was(family):
+    """Re-routing without each expert cuts router rows, swaps the shared expert and hooks the blocks: afterwards
+    the weights, modules, expert counts, hooks and forwards are the ones before, and the logits are bit-identical."""
+    from mone_export import collect_stats
+    from mone_export.adapters import moe_layers_or_error
+    from tiny_models import tiny_batches, tiny_model
+
+    model = tiny_model(family, seed=3)
+    batch = tiny_batches(num=1, batch=2, seq=11, seed=2)[0]
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    _, layers = moe_layers_or_error(model)
+    attrs = [(vars(layer.router).copy(), vars(layer.experts).copy(), len(layer.block._forward_pre_hooks)) for layer in layers]
+    collect_stats(model, [batch], progress=False, measure_removal=True)
+    assert dict(model.named_modules()) == modules
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    for layer, (router, experts, hooks) in zip(layers, attrs):
+        assert {k: v for k, v in vars(layer.router).items() if not k.startswith("_")} == \
+            {k: v for k, v in router.items() if not k.startswith("_")}
+        assert "forward" not in vars(layer.experts) and len(layer.block._forward_pre_hooks) == hooks
+        assert {k: v for k, v in vars(layer.experts).items() if not k.startswith("_")} == \
+            {k: v for k, v in experts.items() if not k.startswith("_")}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch).logits, logits)
+
+
 def test_removal_error_is_infinite_where_removal_is_impossible_and_auto_then_makes_novices():
     """deepseek_v2 with group-limited routing cannot lose one expert: its removal error is inf, the plan records
     None (JSON has no infinity), and auto makes the same novices as ne."""
@@ -337,7 +367,10 @@ def test_auto_takes_per_expert_the_cheaper_of_novice_and_removal():
     assert plan.pruned == {1: [0, 1, 2, 3, 5]} and plan.removed == {1: [0, 2, 3, 5]}
     assert plan.novice_ids(1) == [1]
     np.testing.assert_allclose(plan.novices[1].numpy(), [[10.0]])
-    layer.novice_error  # noqa: B018 (a property: no side effects)
+    layer.removal_sq_sum[1] = 0.9  # now five experts are cheaper removed; room for four: the smallest saving,
+    plan = plan_pruning(stats, 0.84, "auto")  # 5 − 0.2 = 4.8 for expert 5 against 1 − 0.9 = 0.1 for expert 1, stays
+    assert plan.pruned == {1: [0, 1, 2, 3, 5]} and plan.removed == {1: [0, 2, 3, 5]} and plan.novice_ids(1) == [1]
+    layer.removal_sq_sum[1] = 2.0
     layer.weighted_m2[:, 0] = [0.01, 1.0, 0.02, 0.03, 8.0, 0.04]  # novices now cheaper than removal for 0, 2, 3, 5
     plan = plan_pruning(stats, 0.67, "auto")
     assert plan.pruned == {1: [0, 2, 3, 5]} and plan.replacement == "novice" and not plan.removed

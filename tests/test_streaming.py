@@ -232,3 +232,27 @@ def test_a_bf16_layer_computed_in_fp32_is_loaded_narrow_then_widened_exactly(tmp
     batches = tiny_batches(num=2, batch=2, seq=7)
     assert_same_stats(collect_stats(model, batches, progress=False),
                       collect_stats_streamed(LayerStreamedModel(folder), batches, progress=False))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_mixed_plan_streams_to_the_in_memory_logits(family, tmp_path):
+    """A mixed plan (some pruned experts removed, the others novices) applied one decoder layer at a time gives the
+    logits of the whole model pruned in memory."""
+    import dataclasses
+
+    from mone_export import apply_plan
+    from mone_export.streaming import streamed_logits
+
+    folder = tmp_path / family
+    tiny_model(family, seed=0).save_pretrained(folder)
+    model, _ = load_model(folder)
+    batches = tiny_batches(vocab_size=model.config.vocab_size, num=2, batch=2, seq=11)
+    ne = plan_pruning(collect_stats(model, batches, progress=False), 0.5, "ne")
+    removed = {index: experts[:1] for index, experts in ne.pruned.items()}
+    mixed = dataclasses.replace(ne, removed=removed, novices={i: v[1:] for i, v in ne.novices.items()},
+                                replacement="mixed")
+    streamed = streamed_logits(LayerStreamedModel(folder), batches, plan=mixed, progress=False)
+    apply_plan(model, mixed)
+    with torch.no_grad():
+        for batch, logits in zip(batches, streamed):
+            torch.testing.assert_close(logits, model(input_ids=batch).logits.float(), rtol=0, atol=1e-5)
