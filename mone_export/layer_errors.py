@@ -10,7 +10,6 @@ the same inputs. Layers are measured independently, on the unpruned model's hidd
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -22,8 +21,6 @@ from mone_export.plan import PruningPlan
 from mone_export.progress import progress_bar
 
 __all__ = ["layer_output_errors"]
-
-logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

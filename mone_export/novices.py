@@ -196,11 +196,13 @@ def _cut_routing(layer: MoeLayer, removed: list[int]) -> torch.Tensor:
     return kept
 
 
-def _remove_experts(layer: MoeLayer, pruned: list[int]) -> None:
+def _remove_experts(layer: MoeLayer, pruned: list[int]) -> list[int]:
+    """Delete the experts ``pruned`` with their router rows; returns the ids of the experts that remain, in order."""
     experts = layer.experts
     kept = _cut_routing(layer, pruned)
     for name in expert_parameter_names(experts):
         setattr(experts, name, nn.Parameter(getattr(experts, name).detach()[kept].clone(), requires_grad=False))
+    return kept.tolist()
 
 
 def removal_possible(layer: MoeLayer) -> bool:
@@ -243,8 +245,7 @@ def _prune_layer(layer: MoeLayer, adapter: MoeAdapter, plan: PruningPlan,
     removed = plan.removed.get(layer.index, [])
     novices = plan.novice_ids(layer.index)
     if removed:
-        remaining = [e for e in range(layer.num_experts) if e not in set(removed)]
-        _remove_experts(layer, removed)
+        remaining = _remove_experts(layer, removed)
         novices = [remaining.index(e) for e in novices]
     if novices:
         _apply_novices(layer, adapter, novices, plan.novices[layer.index], means_dtype)

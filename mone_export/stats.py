@@ -202,7 +202,7 @@ def _instrumented_forward(layer_stats: LayerStats, experts: nn.Module, rerouted:
         dense.scatter_add_(1, top_k_index, weights64)
         layer_stats.add_tokens(hidden_states.shape[0], dense.sum(dim=0).numpy())
         out = torch.zeros_like(hidden_states)
-        outputs = _ExpertOutputs(self, hidden_states)
+        outputs = _ExpertOutputs(self, hidden_states) if rerouted is not None else None
         for expert in torch.unique(top_k_index).tolist():
             token, slot = torch.where(top_k_index == expert)
             f_e, update = expert_outputs(self, expert, hidden_states[token], top_k_weights[token, slot, None])
@@ -210,9 +210,9 @@ def _instrumented_forward(layer_stats: LayerStats, experts: nn.Module, rerouted:
             layer_stats.add_expert_outputs(
                 expert, f_e.detach().to(torch.float64).numpy(), weights64[token, slot].numpy()
             )
-            if rerouted is not None:
+            if outputs is not None:
                 outputs.keep(expert, token, f_e)
-        if rerouted is not None:
+        if outputs is not None:
             _add_removal_errors(layer_stats, dense, outputs, rerouted)
         return out
 

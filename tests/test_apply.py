@@ -24,6 +24,23 @@ def logits(model, tokens):
         return model(tokens).logits
 
 
+def routed_over(adapter, layer, x, rows, constant=None):
+    """Brute force of a softmax-top-k block whose router keeps only the expert ``rows``: each picked expert e adds
+    w · constant[e] (a novice) or w · f_e(x), renormalised as the router says, plus the shared expert."""
+    constant = constant or {}
+    probs = torch.softmax((x @ layer.router.weight[rows].T).float(), -1)
+    top, pos = torch.topk(probs, layer.top_k, dim=-1)
+    if getattr(layer.router, "norm_topk_prob", True):
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, p in zip(top[t], pos[t]):
+            e = rows[p]
+            out[t] += w * (constant[e] if e in constant else expert_forward(layer.experts, e, x[t:t + 1])[0])
+    shared = adapter.shared_output(layer, x)
+    return out + (shared if shared is not None else 0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ratio_zero_changes_nothing_bit_for_bit(family):
     model, _, plan = calibrated(family, ratio=0.0)
@@ -96,18 +113,7 @@ def test_removal_equals_router_over_remaining_experts(family):
     expected = {}
     with torch.no_grad():
         for layer in layers:
-            kept = plan.kept(layer.index)
-            logits_ = x @ layer.router.weight[kept].T
-            probs = torch.softmax(logits_.float(), -1)
-            top, pos = torch.topk(probs, layer.top_k, dim=-1)
-            if getattr(layer.router, "norm_topk_prob", True):
-                top = top / top.sum(-1, keepdim=True)
-            out = torch.zeros_like(x)
-            for t in range(x.shape[0]):
-                for w, p in zip(top[t], pos[t]):
-                    out[t] += w * expert_forward(layer.experts, kept[p], x[t:t + 1])[0]
-            shared = adapter.shared_output(layer, x)
-            expected[layer.index] = out + (shared if shared is not None else 0)
+            expected[layer.index] = routed_over(adapter, layer, x, plan.kept(layer.index))
     apply_plan(model, plan)
     with torch.no_grad():
         for layer in adapter.moe_layers(model):
@@ -212,17 +218,7 @@ def test_mixed_plan_reroutes_around_removed_experts_and_keeps_novices(family):
         for layer in layers:
             remaining = [e for e in range(layer.num_experts) if e not in plan.removed.get(layer.index, [])]
             constant = dict(zip(plan.novice_ids(layer.index), plan.novices[layer.index]))
-            probs = torch.softmax((x @ layer.router.weight[remaining].T).float(), -1)
-            top, pos = torch.topk(probs, layer.top_k, dim=-1)
-            if getattr(layer.router, "norm_topk_prob", True):
-                top = top / top.sum(-1, keepdim=True)
-            out = torch.zeros_like(x)
-            for t in range(x.shape[0]):
-                for w, p in zip(top[t], pos[t]):
-                    e = remaining[p]
-                    out[t] += w * (constant[e] if e in constant else expert_forward(layer.experts, e, x[t:t + 1])[0])
-            shared = adapter.shared_output(layer, x)
-            expected[layer.index] = out + (shared if shared is not None else 0)
+            expected[layer.index] = routed_over(adapter, layer, x, remaining, constant)
     apply_plan(model, plan)
     with torch.no_grad():
         for layer in adapter.moe_layers(model):
