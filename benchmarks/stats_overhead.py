@@ -1,4 +1,5 @@
-"""Statistics-collection overhead: collect_stats against a plain forward of the same model on the same batches.
+"""Statistics-collection overhead: collect_stats against a plain forward of the same model on the same batches, and
+collect_stats with the removal errors method ``auto`` needs (``measure_removal=True``) against plain collect_stats.
 
     python benchmarks/stats_overhead.py [--model mixtral] [--samples 32 --seq-len 256] [--json out.json]
 
@@ -66,6 +67,7 @@ def main(argv=None) -> dict:
 
     plain_s = timed(plain, args.repeats)
     stats_s = timed(lambda: collect_stats(model, batches, progress=False), args.repeats)
+    removal_s = timed(lambda: collect_stats(model, batches, progress=False, measure_removal=True), args.repeats)
     result = {
         "model": name,
         "experts_implementation": model.config._experts_implementation,
@@ -74,6 +76,8 @@ def main(argv=None) -> dict:
         "plain_forward_s": round(plain_s, 4),
         "collect_stats_s": round(stats_s, 4),
         "overhead_ratio": round(stats_s / plain_s, 3),
+        "collect_stats_measure_removal_s": round(removal_s, 4),
+        "measure_removal_ratio": round(removal_s / stats_s, 3),
     }
     print(json.dumps(result, indent=1))
     if args.json:
