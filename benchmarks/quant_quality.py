@@ -78,7 +78,7 @@ def run(args) -> dict:
                     apply_plan(pruned, plan)
                 for fmt in args.formats:
                     out = Path(tmp) / f"{name}-{method}-{ratio}-{fmt}"
-                    quant = quantization_config(None if fmt == "fp32" else fmt)
+                    quant = quantization_config(None if fmt == "fp32" else fmt, block_size=args.block_size)
                     path = export_onnx(pruned, out, progress=False, quantization=quant)
                     row = {"model": name, "method": method, "ratio": ratio, "format": fmt}
                     for source in SOURCES:
@@ -89,8 +89,9 @@ def run(args) -> dict:
                     print(f"{name} {method} {ratio} {fmt}: " + ", ".join(
                         f"{s} {row[f'{s}_perplexity']:.2f} ({row[f'{s}_top1_agreement']:.3f})" for s in SOURCES),
                         file=sys.stderr)
-    return {"command": "python benchmarks/quant_quality.py", "calibration": "python-code, 32 x 128 tokens",
-            "evaluation": "held-out, 64 x 128 tokens per source", "quantization": "block 32, accuracy_level 4",
+    return {"command": "python benchmarks/quant_quality.py " + " ".join(sys.argv[1:]),
+            "calibration": "python-code, 32 x 128 tokens", "evaluation": "held-out, 64 x 128 tokens per source",
+            "quantization": f"block {args.block_size}, accuracy_level 4",
             "rows": rows, "summary": summary(rows), "markdown": markdown(rows)}
 
 
@@ -150,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--block-size", type=int, default=32, help="elements per quantisation block (default 32)")
     parser.add_argument("--json", default="benchmarks/results/quant_quality.json")
     args = parser.parse_args(argv)
     started = time.perf_counter()

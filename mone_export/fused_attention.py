@@ -11,18 +11,24 @@ How it is traced. Within :func:`gqa_attention` the model runs with
 - a cache whose ``update`` returns the new keys and values as they are (:class:`NewStatesCache`), so the model's
   own attention module computes its projections and norms exactly as in the plain form;
 - the rotary embedding inside the kernel (``do_rotary=1`` with ``cos_cache`` / ``sin_cache`` of every position
-  up to ``max_position_embeddings`` from the model's own rotary module, and the graph's ``position_ids``) where the
-  model's ``apply_rotary_pos_emb`` is checked to compute the kernel's ``rotate_half`` rotary on random inputs and
+  up to ``max_position_embeddings`` from the model's own rotary module, counted from each row's first slot) where
+  the model's ``apply_rotary_pos_emb`` is checked to compute the kernel's ``rotate_half`` rotary on random inputs and
   the angles depend on the position only (:func:`rotary_cache`); otherwise the model's rotary ops stay;
 - an attention implementation registered with transformers (``mone_gqa``) that calls :class:`GroupQueryAttention`
   on the query, the *new* keys and values and the layer's past, and records the layer's ``present``;
-- no attention mask: the kernel builds the causal mask from ``seqlens_k = Σ attention_mask − 1`` and the total
-  length, so the mask subgraph is dead code and the cleanup passes drop it. A sliding-window layer passes its
-  window to the kernel (``local_window_size``), attention sinks (gpt-oss) its ``head_sink`` input.
+- not the model's attention mask: the kernel masks causally itself, with every row as long as the mask
+  (``seqlens_k = total length − 1``), and the padding comes in as ``attention_bias [B, 1, S, P+S]``, a large
+  negative number at each padded key, built once per forward from ``attention_mask``. The model's mask subgraph
+  is dead code and the cleanup passes drop it. A sliding-window layer passes its window to the kernel
+  (``local_window_size``), attention sinks (gpt-oss) their ``head_sink`` input.
 
-What the fused form assumes, and the plain form does not: every row of ``attention_mask`` is ones up to its
-length (no left padding: the valid tokens come first), and a batch with more than one new token per row starts
-from an empty past (the kernel's CPU rule; a batched prompt, or one token per row with a past, are both fine).
+Padding. A left-padded batch (Optimum's and transformers' ``generate``) is computed like the plain form computes
+it: the padded keys are masked by the bias, and where the rotary is inside the kernel a row's tokens are rotated
+at their slots in the padded row rather than at their positions from the mask, a constant shift per row that
+rotary attention does not see (its scores depend on differences of positions only; the results agree to float
+rounding). What the fused form still assumes, and the plain form does not: a batch with more than one new token
+per row starts from an empty past (the kernel's CPU rule; a batched prompt, or one token per row with a past, are
+both fine), and the padded row fits the rotary cache (``max_position_embeddings`` slots).
 :func:`gqa_unsupported_reason` refuses models whose attention the kernel does not compute: MLA caches, keys and
 values of different sizes, head sizes that are not a multiple of 8.
 """
@@ -53,8 +59,10 @@ class GroupQueryAttention(torch.autograd.Function):
 
     Inputs: ``query [B, Hq, S, D]``, ``key`` / ``value [B, Hkv, S, D]`` (the new positions, as transformers'
     attention interface hands them over; the graph packs them into the kernel's ``[B, S, H·D]``), ``past_key`` /
-    ``past_value [B, Hkv, P, D]``, ``seqlens_k [B]`` int32 (total valid length − 1), ``total_length`` int32
-    scalar, ``head_sink [Hq]`` (attention sinks: one extra logit per head in the softmax, gpt-oss; empty for
+    ``past_value [B, Hkv, P, D]``, ``seqlens_k [B]`` int32 (the row's length − 1: padding included),
+    ``total_length`` int32 scalar, ``position_ids [B, S]`` (the kernel's rotary takes each row's first one and
+    counts on), ``attention_bias [B, 1, S, P+S]`` (added to the scaled scores: 0, or a large negative number at a
+    padded key), ``head_sink [Hq]`` (attention sinks: one extra logit per head in the softmax, gpt-oss; empty for
     none). Attributes: ``window`` is the kernel's ``local_window_size`` (a query sees that many positions, itself
     included, as transformers' ``sliding_window``; −1: all). Outputs: ``[B, S, Hq, D]`` and ``present_key`` /
     ``present_value [B, Hkv, P+S, D]``. Query head ``h`` reads key head ``h // (Hq / Hkv)`` (transformers'
@@ -63,8 +71,8 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
-                position_ids, head_sink, num_heads: int, kv_num_heads: int, scale: float, softcap: float,
-                window: int):
+                position_ids, attention_bias, head_sink, num_heads: int, kv_num_heads: int, scale: float,
+                softcap: float, window: int):
         batch, _, length, dim = query.shape
         if cos_cache.numel():  # the kernel's rotary: consecutive positions from each row's first position id
             positions = position_ids[:, :1].long() + torch.arange(length, device=query.device)
@@ -82,7 +90,7 @@ class GroupQueryAttention(torch.autograd.Function):
         causal = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(past)
         if window >= 0:  # the kernel's local_window_size: a query sees `window` positions, itself included
             causal &= ~torch.ones_like(causal).tril(past - window)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~causal, float("-inf")) + attention_bias.float()
         if head_sink.numel():  # one more logit per head in the softmax's denominator, attending to nothing
             sink = head_sink.float().view(1, num_heads, 1, 1).expand(batch, -1, length, 1)
             probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
@@ -93,7 +101,7 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
-                 position_ids, head_sink, num_heads, kv_num_heads, scale, softcap, window):
+                 position_ids, attention_bias, head_sink, num_heads, kv_num_heads, scale, softcap, window):
         # [B, heads, S, D] -> the kernel's [B, S, heads·D], and its output back to [B, S, heads, D], by constant
         # shapes (0 copies a dimension): no Shape/Gather/Concat plumbing around the kernel
         packed_shape = g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64))
@@ -104,10 +112,10 @@ class GroupQueryAttention(torch.autograd.Function):
 
         rotary = bool(_static_numel(cos_cache))
         inputs = [packed(query), packed(key), packed(value), past_key, past_value, seqlens_k, total_length]
-        if rotary or _static_numel(head_sink):
-            inputs += [cos_cache, sin_cache, position_ids] if rotary else [_absent(g), _absent(g), _absent(g)]
+        inputs += [cos_cache, sin_cache, position_ids] if rotary else [_absent(g), _absent(g), _absent(g)]
+        inputs.append(attention_bias)
         if _static_numel(head_sink):
-            inputs += [_absent(g), head_sink]  # no attention_bias
+            inputs.append(head_sink)
         out, present_key, present_value = g.op(
             "com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads,
             scale_f=scale, softcap_f=softcap, local_window_size_i=window, do_rotary_i=int(rotary),
@@ -161,7 +169,9 @@ class _Step:
     seqlens_k: torch.Tensor
     total_length: torch.Tensor
     position_ids: torch.Tensor
+    padding: torch.Tensor  # [B, 1, S, P+S]: 1 at a padded key, else 0
     present: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    biases: dict[torch.dtype, torch.Tensor] = dataclasses.field(default_factory=dict)
     rotary_deferred: bool = False  # the layer now running skipped its rotary: the kernel applies it
 
 
@@ -189,13 +199,24 @@ def _fused_attention(module: nn.Module, query, key, value, attention_mask, scali
     step.rotary_deferred = False
     out, present_key, present_value = GroupQueryAttention.apply(
         query, key, value, past_key, past_value, step.seqlens_k, step.total_length, cos_cache.to(query.dtype),
-        sin_cache.to(query.dtype), step.position_ids,
+        sin_cache.to(query.dtype), step.position_ids, _attention_bias(step, query.dtype),
         sinks.to(query.dtype) if sinks is not None else query.new_zeros(0), int(heads), int(kv_heads),
         float(scaling if scaling is not None else dim ** -0.5), float(softcap or 0.0),
         # measured against transformers' eager attention: both count the query itself in the window
         int(sliding_window) if sliding_window is not None else -1)
     step.present[module.layer_idx] = (present_key, present_value)
     return out, None
+
+
+def _attention_bias(step: _Step, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's ``attention_bias`` in ``dtype``, computed once per forward and shared by every layer.
+
+    A padded key gets half the dtype's most negative number: far below any score, yet finite after the addition,
+    so that a query row with every key padded (a left-padded row's padding) still gets finite probabilities and
+    no NaN reaches the next layer's keys."""
+    if dtype not in step.biases:
+        step.biases[dtype] = step.padding.to(dtype) * (torch.finfo(dtype).min / 2)
+    return step.biases[dtype]
 
 
 def _no_mask(*args, **kwargs):
@@ -409,9 +430,17 @@ def fused_step(past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: to
                position_ids: torch.Tensor) -> Iterator[_Step]:
     """One forward of the fused form: the past per layer, the kernel's lengths and the positions (for a rotary
     inside the kernel); yields the step, whose ``present`` the attention fills."""
-    seqlens_k = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
-    total_length = torch.ones_like(attention_mask[0]).sum().to(torch.int32)
-    step = _Step(past=past, seqlens_k=seqlens_k, total_length=total_length, position_ids=position_ids)
+    # The kernel's index space is the padded row: every row is as long as the mask, its padded keys are masked by
+    # the bias, and the rotary inside the kernel counts from the row's first slot. A left-padded row's tokens are
+    # rotated at their slots, not at their positions from the mask: a constant shift per row, which rotary
+    # attention does not see (its scores depend on differences of positions only).
+    ones = torch.ones_like(attention_mask)
+    seqlens_k = (ones.sum(dim=-1) - 1).to(torch.int32)
+    total_length = ones[0].sum().to(torch.int32)
+    new = torch.ones_like(position_ids)
+    slots = new.cumsum(dim=-1) - new.sum(dim=-1, keepdim=True) + ones.sum(dim=-1, keepdim=True) - 1  # past + s
+    padding = (1 - attention_mask)[:, None, None, :] + torch.zeros_like(position_ids)[:, None, :, None]
+    step = _Step(past=past, seqlens_k=seqlens_k, total_length=total_length, position_ids=slots, padding=padding)
     _STEPS.append(step)
     try:
         yield step
