@@ -1,8 +1,9 @@
 """What pruning and quantisation cost together: held-out perplexity of the exported ONNX models themselves.
 
 For every bundled model, unpruned and pruned by every method at ratio 0.25 / 0.5 (calibrated on 32 × 128 tokens of
-python-code; ``random`` with seed 0), exported in fp32, int8 and int4 (``--quant``, block 32, accuracy level 4: the fast CPU path), ONNX Runtime computes the held-out
-perplexity of python-code and python-docs (64 chunks × 128 tokens each, the model cards' setting) and the top-1
+python-code; ``random`` with seed 0), exported in fp32, int8 and int4 (``--quant``, the export's block size unless
+``--block-size`` says otherwise, accuracy level 4: the fast CPU path), ONNX Runtime computes the held-out perplexity
+of python-code and python-docs (64 chunks × 128 tokens each, the model cards' setting) and the top-1
 agreement of its next-token predictions with the unpruned float32 PyTorch model. Everything is measured on the
 graph a user ships (quantised kernels, int8 activations included), not on a simulation.
 
@@ -146,12 +147,15 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main(argv=None):
+    from graph_passes.quantize_weights import DEFAULT_BLOCK_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--block-size", type=int, default=32, help="elements per quantisation block (default 32)")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"elements per quantisation block (default {DEFAULT_BLOCK_SIZE}, the export's)")
     parser.add_argument("--json", default="benchmarks/results/quant_quality.json")
     args = parser.parse_args(argv)
     started = time.perf_counter()

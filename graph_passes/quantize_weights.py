@@ -6,7 +6,7 @@ Runtime's block-quantised contrib ops (``com.microsoft``):
 - ``MatMul(A, B)`` with ``B: [K, N]``  →  ``MatMulNBits(A, Bq, scales, zero_points)``;
 - ``Gemm(A, B, transB=1)`` (no bias, ``alpha = 1``) with ``B: [N, K]``  →  the same (a tied ``lm_head``);
 - ``Gather(B, ids, axis=0)`` with ``B: [V, H]``  →  ``GatherBlockQuantized(Bq, ids, scales, zero_points)``
-  (the token embedding; only when ``H`` is a multiple of the block size, which that kernel needs).
+  (the token embedding, in blocks that divide ``H``, which that kernel needs).
 
 Blocks of ``block_size`` consecutive elements run along the contraction dimension ``K`` (the hidden dimension of
 an embedding row), one scale and one zero point per block and output column; round to nearest (ties to even),
@@ -21,7 +21,9 @@ the same float32 values with the same function.
 
 What was quantised is recorded in the model's ``metadata_props`` under :data:`METADATA_KEY`: the configuration
 and, per original initializer name, the axis of the stored array the blocks ran along (0 for a ``MatMul`` weight
-``[K, N]``, 1 for a ``[N, K]`` or embedding weight). An initializer whose consumers need blocks along different
+``[K, N]``, 1 for a ``[N, K]`` or embedding weight), and under ``block_sizes`` the weights quantised with a
+smaller block than the configured one: an embedding whose width the block size does not divide gets the largest
+power of two that does (:func:`gather_block_size`), which ``GatherBlockQuantized`` needs. An initializer whose consumers need blocks along different
 axes, or that some other node reads, is left in float32 (logged at DEBUG with the reason), as is every initializer
 ``select`` declines (routers and novice biases, in mone-export's use).
 """
@@ -29,13 +31,16 @@ axes, or that some other node reads, is left in float32 (logged at DEBUG with th
 from __future__ import annotations
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "METADATA_KEY",
     "QuantizedBlocks",
     "QuantizeWeightsPass",
     "WeightQuantization",
     "dequantize_blocks",
     "quantization_record",
+    "gather_block_size",
     "quantize_blocks",
+    "weight_block_size",
 ]
 
 import dataclasses
@@ -55,6 +60,11 @@ METADATA_KEY = "mone_export.quantization"
 
 MS_DOMAIN = "com.microsoft"
 
+DEFAULT_BLOCK_SIZE = 128
+"""Elements per block unless told otherwise: ONNX Runtime's own quantiser's default and the common group size of
+int4 LLM checkpoints. Measured against 32 (``benchmarks/peers.py``, ``benchmarks/quant_quality.py``): the int4
+kernels read about 15 % fewer bytes and decode faster, for a larger perplexity cost that stays small (README)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuantization:
@@ -62,7 +72,7 @@ class WeightQuantization:
 
     bits: int = 4
     """4 or 8."""
-    block_size: int = 32
+    block_size: int = DEFAULT_BLOCK_SIZE
     """Elements per block along the contraction dimension: a power of two ≥ 16."""
     accuracy_level: int = 4
     """``MatMulNBits`` compute type: 4 quantises the activations to int8 per block (the fast CPU path), 0 computes
@@ -144,6 +154,12 @@ def dequantize_blocks(quantized: QuantizedBlocks, depth: int) -> np.ndarray:
     return values.reshape(values.shape[0], -1)[:, :depth]
 
 
+def weight_block_size(record: dict, name: str) -> int:
+    """The block size the weight ``name`` of a quantisation record was quantised with: the record's, or the smaller
+    one an embedding needed (``block_sizes``)."""
+    return int(record.get("block_sizes", {}).get(name, record["block_size"]))
+
+
 def quantization_record(model: ir.Model) -> dict | None:
     """The JSON record :class:`QuantizeWeightsPass` left in the model's metadata (None if never quantised)."""
     text = model.metadata_props.get(METADATA_KEY)
@@ -151,6 +167,16 @@ def quantization_record(model: ir.Model) -> dict | None:
 
 
 # --- the pass -------------------------------------------------------------------------------------------------------
+
+
+def gather_block_size(width: int, block_size: int) -> int | None:
+    """The block size of an embedding of ``width`` columns: ``GatherBlockQuantized`` needs blocks that divide the
+    row, so the largest power of two ≥ 16 that does and is at most ``block_size`` (gpt-oss's 2880 with 128: 64);
+    None when there is none."""
+    size = block_size
+    while size >= 16 and width % size:
+        size //= 2
+    return size if size >= 16 else None
 
 
 def _is_matmul_weight(node: ir.Node, index: int) -> bool:
@@ -181,8 +207,8 @@ def _consumer_axis(node: ir.Node, index: int, config: WeightQuantization, shape:
         axis = node.attributes.get("axis")
         if (axis.value if axis is not None else 0) != 0:
             return None, "a Gather along axis 1"
-        if shape[1] % config.block_size:
-            return None, f"an embedding of width {shape[1]}, not a multiple of block_size {config.block_size}"
+        if gather_block_size(shape[1], config.block_size) is None:
+            return None, f"an embedding of width {shape[1]}, which no power of two >= 16 divides"
         return 1, ""
     return None, f"read by {node.op_type} input {index}"
 
@@ -228,12 +254,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph.initializers.add(value)
         return value
 
-    def _quantize(self, graph: ir.Graph, value: ir.Value, axis: int) -> None:
+    def _quantize(self, graph: ir.Graph, value: ir.Value, axis: int) -> int:
+        """Rewrite the consumers of ``value``; returns the block size used (smaller for an embedding whose width
+        the configured size does not divide: :func:`gather_block_size`)."""
         config = self.config
         array = value.const_value.numpy()
         matrix = array.T if axis == 0 else array  # [N, K]: blocks run along K
         rows, depth = matrix.shape
-        quantized = quantize_blocks(matrix, config.bits, config.block_size)
+        block = config.block_size
+        if any(is_onnx_op(node, "Gather") for node, _ in value.uses()):
+            block = gather_block_size(depth, block)
+        quantized = quantize_blocks(matrix, config.bits, block)
         suffix = f".{config.name}"
         scales = self._initializer(graph, value.name + suffix + ".scales", quantized.scales)
         zero_points = self._initializer(graph, value.name + suffix + ".zero_points", quantized.zero_points)
@@ -244,18 +275,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     gathered = self._initializer(graph, value.name + suffix + ".rows",
                                                  quantized.packed.reshape(rows, -1))
                 inputs = [gathered, node.inputs[1], scales, zero_points]
-                attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": config.block_size, "bits": config.bits}
+                attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": config.bits}
                 op_type = "GatherBlockQuantized"
             else:
                 if packed is None:
                     packed = self._initializer(graph, value.name + suffix, quantized.packed)
                 inputs = [node.inputs[0], packed, scales, zero_points]
-                attrs = {"K": depth, "N": rows, "bits": config.bits, "block_size": config.block_size,
+                attrs = {"K": depth, "N": rows, "bits": config.bits, "block_size": block,
                          "accuracy_level": config.accuracy_level}
                 op_type = "MatMulNBits"
             replacement = ir.node(op_type, inputs, attrs, domain=MS_DOMAIN, name=node.name)
             ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], node.outputs,
                                                     replacement.outputs)
+        return block
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -264,16 +296,20 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         liveness = Liveness(graph)
         record = quantization_record(model) or {**self.config.to_dict(), "weights": {}}
-        if {k: v for k, v in record.items() if k != "weights"} != self.config.to_dict():
+        if {k: v for k, v in record.items() if k not in ("weights", "block_sizes")} != self.config.to_dict():
             raise ir.passes.PreconditionError(
                 f"the model is already quantised with {record}; quantise once, with one configuration")
         for value, axis in candidates:
-            self._quantize(graph, value, axis)
+            block = self._quantize(graph, value, axis)
             record["weights"][value.name] = axis
+            if block != self.config.block_size:
+                record.setdefault("block_sizes", {})[value.name] = block
         liveness.remove_newly_dead(graph)
         if model.opset_imports.get(MS_DOMAIN) is None:
             model.opset_imports[MS_DOMAIN] = 1
         record["weights"] = dict(sorted(record["weights"].items()))
+        if "block_sizes" in record:
+            record["block_sizes"] = dict(sorted(record["block_sizes"].items()))
         model.metadata_props[METADATA_KEY] = json.dumps(record, sort_keys=True)
         logger.debug("quantised %d weights to %s", len(candidates), self.config.name)
         return ir.passes.PassResult(model, modified=True)

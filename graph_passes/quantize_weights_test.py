@@ -15,6 +15,7 @@ from graph_passes.quantize_weights import (
     dequantize_blocks,
     quantization_record,
     quantize_blocks,
+    weight_block_size,
 )
 
 
@@ -28,7 +29,8 @@ def _dequantized_copy(model: ir.Model, original: ir.Model, config: WeightQuantiz
     for name, axis in quantization_record(model)["weights"].items():
         array = copy.graph.initializers[name].const_value.numpy()
         matrix = array.T if axis == 0 else array
-        restored = dequantize_blocks(quantize_blocks(matrix, config.bits, config.block_size), matrix.shape[1])
+        block = weight_block_size(quantization_record(model), name)
+        restored = dequantize_blocks(quantize_blocks(matrix, config.bits, block), matrix.shape[1])
         restored = restored.T if axis == 0 else restored
         copy.graph.initializers[name].const_value = ir.tensor(np.ascontiguousarray(restored), name=name)
     return copy
@@ -193,10 +195,33 @@ def test_embedding_and_tied_head(bits):
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 
 
-def test_embedding_width_not_a_multiple_of_the_block_stays_float32():
+def test_embedding_takes_the_largest_block_that_divides_its_width():
+    """GatherBlockQuantized needs whole blocks: a width of 48 with blocks of 32 gets blocks of 16 (the embedding and
+    its tied head, one quantised copy), recorded per weight; the other weights keep 32."""
     model, _ = _embedding_model(hidden=48)
+    original = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    config = WeightQuantization(bits=4, block_size=32, accuracy_level=0)
+
+    QuantizeWeightsPass(config)(model)
+
+    record = quantization_record(model)
+    assert record["weights"] == {"embed.weight": 1, "proj.weight.T": 0}
+    assert record["block_sizes"] == {"embed.weight": 16}
+    blocks = {node.op_type + ":" + node.inputs[1 if node.op_type == "MatMulNBits" else 0].name:
+              node.attributes.get_int("block_size") for node in model.graph if node.domain == "com.microsoft"}
+    assert blocks == {"GatherBlockQuantized:embed.weight.int4.rows": 16, "MatMulNBits:proj.weight.T.int4": 32,
+                      "MatMulNBits:embed.weight.int4": 16}
+    reference = _dequantized_copy(model, original, config)
+    ids = np.array([0, 5, 39, 5], np.int64)
+    want = _run(reference, ids)
+    assert np.abs(_run(model, ids) - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(_run(original, ids) - want).max() > 1e-3
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def test_embedding_width_no_block_divides_stays_float32():
+    model, _ = _embedding_model(hidden=40)  # 40 = 8 · 5: no power of two >= 16 divides it
     QuantizeWeightsPass(WeightQuantization(block_size=32))(model)
-    # GatherBlockQuantized needs whole blocks: the embedding (and its tied head) stay as they were
     assert quantization_record(model)["weights"] == {"proj.weight.T": 0}
     assert [node.op_type for node in model.graph][0] == "Gather"
 

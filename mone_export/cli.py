@@ -131,6 +131,8 @@ class PruneCommand(Command):
 
 def add_export_options(parser: argparse.ArgumentParser) -> None:
     """--dtype, --provider, --atol, --no-validate: how the ONNX model is written and checked."""
+    from graph_passes.quantize_weights import DEFAULT_BLOCK_SIZE
+
     group = parser.add_argument_group("Export and validation")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="dtype of the exported graph")
     group.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
@@ -139,16 +141,17 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
                        help="graph form of the routed experts: dispatch (one branch per expert, fastest on the CPU "
                        "provider), fused (one com.microsoft.MoE node per layer, dispatch kept on the GPU); auto: "
                        "fused with --provider cuda, else dispatch")
-    group.add_argument("--attention", default="plain", choices=["plain", "gqa", "auto"],
-                       help="graph form of attention: plain (standard ops, any runtime), gqa (one "
+    group.add_argument("--attention", default="auto", choices=["plain", "gqa", "auto"],
+                       help="graph form of attention: plain (standard ops, any ONNX runtime), gqa (one "
                        "com.microsoft.GroupQueryAttention per layer: ONNX Runtime's fused kernel, KV cache appended "
-                       "in the kernel; needs prompts without left padding), auto (gqa where the model allows it) "
-                       "(default plain)")
+                       "in the kernel), auto (gqa where it computes the model's attention, measured at export; plain "
+                       "with --provider cuda or a layer-streamed run) (default auto)")
     group.add_argument("--quant", default="none", choices=["none", "int4", "int8"],
                        help="quantise the weights block-wise (MatMulNBits / GatherBlockQuantized; routers and "
                        "novice biases stay float32), validated against PyTorch with the same weights (default none)")
-    group.add_argument("--quant-block-size", type=int, default=32,
-                       help="elements per quantisation block, a power of two >= 16 (default 32)")
+    group.add_argument("--quant-block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                       help="elements per quantisation block, a power of two >= 16 (default "
+                       f"{DEFAULT_BLOCK_SIZE}; 32: finer scales, slower kernels)")
     group.add_argument("--quant-accuracy-level", type=int, default=4, choices=[0, 4],
                        help="MatMulNBits accuracy level: 4 quantises activations to int8 (fast on CPU), 0 keeps "
                        "them float (default 4)")

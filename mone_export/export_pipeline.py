@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from graph_passes.quantize_weights import DEFAULT_BLOCK_SIZE
 from mone_export.architectures import check_exportable
 from mone_export.errors import UsageError
 from mone_export.pipeline import CalibrationOptions
@@ -152,14 +153,14 @@ class ExportOptions:
     """Weights in the export: ``none`` (the ``dtype``), ``int4`` or ``int8`` (block-wise ``MatMulNBits`` /
     ``GatherBlockQuantized``, routers and novice biases in float32: :mod:`mone_export.quantization`). Needs
     ``dtype="fp32"``."""
-    quant_block_size: int = 32
+    quant_block_size: int = DEFAULT_BLOCK_SIZE
     """Elements per quantisation block along the contraction dimension (a power of two >= 16)."""
     quant_accuracy_level: int = 4
     """``MatMulNBits`` accuracy level: 4 (int8 activations, the fast CPU path) or 0 (float activations)."""
-    attention: str = "plain"
+    attention: str = "auto"
     """Graph form of attention: ``plain`` (standard ops, any ONNX runtime), ``gqa`` (one
     ``com.microsoft.GroupQueryAttention`` per layer: :mod:`mone_export.fused_attention`), ``auto`` (``gqa`` where
-    the model allows it)."""
+    it computes the model's attention; ``plain`` for ``provider="cuda"`` and in a layer-streamed run)."""
     moe_form: str = "auto"
     """Graph form of the routed experts (:func:`resolve_moe_form`): ``dispatch``, ``fused``, or ``auto`` (fused for
     ``provider="cuda"``)."""
@@ -272,7 +273,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
         with run.stage("load"):
             loaded, tokenizer = load_model(model, dtype="fp32")
             check_exportable(loaded.config)  # before minutes of calibration
-            attention = resolve_attention(options.attention, loaded)
+            attention = resolve_attention(options.attention, loaded, provider)
             if plan_path is None:
                 check_ratio_feasible(loaded, ratio, method, scope)
         if plan_path is not None:

@@ -293,12 +293,15 @@ def check_attention_form(form: str) -> None:
         raise UsageError(f"--attention {form}: choose one of {', '.join(ATTENTION_FORMS)}.")
 
 
-def resolve_attention(form: str, model: nn.Module) -> str:
-    """``plain`` or ``gqa`` for ``--attention form``; ``gqa`` on a model that cannot take it is a UsageError."""
+def resolve_attention(form: str, model: nn.Module, provider: str = "cpu") -> str:
+    """``plain`` or ``gqa`` for ``--attention form``; ``gqa`` on a model that cannot take it is a UsageError.
+
+    ``auto`` keeps plain attention for ``provider="cuda"``: the kernel's CUDA version takes float16 and bfloat16
+    only and has never been run by this project's tests (no GPU), so a GPU user opts in with ``gqa``."""
     from mone_export.errors import UsageError
 
     check_attention_form(form)
-    if form == "plain":
+    if form == "plain" or (form == "auto" and provider == "cuda"):
         return "plain"
     reason = gqa_unsupported_reason(model) or gqa_mismatch(model)
     if reason is None:

@@ -64,8 +64,8 @@ def weight_bytes(onnx_path: str | os.PathLike) -> int:
     """Σ bytes of a saved ONNX model's weights, external data included, without loading them.
 
     Weights are the main graph's initializers and ``Constant``-node tensors (so a weight cannot hide in a node
-    attribute), except small integer tensors (≤ :data:`SMALL_INTEGER_ELEMENTS` elements: shapes, axes, indices),
-    which are graph structure and would otherwise dominate the count for the tiny test models.
+    attribute), except small signed integer tensors (≤ :data:`SMALL_INTEGER_ELEMENTS` elements: shapes, axes,
+    indices), which are graph structure and would otherwise dominate the count for the tiny test models.
     """
     proto = onnx.load(str(onnx_path), load_external_data=False)
     tensors = list(proto.graph.initializer)
@@ -91,7 +91,10 @@ def rotary_table_bytes(onnx_path: str | os.PathLike) -> int:
 
 def _is_weight(tensor: onnx.TensorProto) -> bool:
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return np.issubdtype(dtype, np.floating) or int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_INTEGER_ELEMENTS
+    # uint8 holds quantised weights and their zero points (one byte per output row with a single block per row),
+    # never shapes or indices
+    return (np.issubdtype(dtype, np.floating) or dtype == np.uint8
+            or int(np.prod(tensor.dims, dtype=np.int64)) > SMALL_INTEGER_ELEMENTS)
 
 
 def _tensor_proto_bytes(tensor: onnx.TensorProto) -> int:

@@ -32,11 +32,13 @@ import torch
 from torch import nn
 
 from graph_passes.quantize_weights import (
+    DEFAULT_BLOCK_SIZE,
     METADATA_KEY,
     QuantizeWeightsPass,
     WeightQuantization,
     dequantize_blocks,
     quantize_blocks,
+    weight_block_size,
 )
 from mone_export.adapters import moe_layers_or_error
 from mone_export.errors import UsageError
@@ -50,7 +52,8 @@ QUANT_CHOICES = ("none", "int4", "int8")
 """Values of ``--quant``."""
 
 
-def quantization_config(name: str | None, block_size: int = 32, accuracy_level: int = 4) -> WeightQuantization | None:
+def quantization_config(name: str | None, block_size: int = DEFAULT_BLOCK_SIZE,
+                        accuracy_level: int = 4) -> WeightQuantization | None:
     """``--quant`` and its options as a :class:`WeightQuantization` (None for ``none``); a UsageError for bad values."""
     if name in (None, "none"):
         return None
@@ -136,6 +139,7 @@ def dequantized_model(model: nn.Module, record: dict) -> nn.Module:
         view = weight.view(tensors[weight.parameter].data)  # [K, N] for axis 0, [N, K] for axis 1
         matrix = view.T if axis == 0 else view
         values = matrix.detach().float().numpy()
-        restored = dequantize_blocks(quantize_blocks(values, config.bits, config.block_size), values.shape[1])
+        block = weight_block_size(record, name)
+        restored = dequantize_blocks(quantize_blocks(values, config.bits, block), values.shape[1])
         matrix.copy_(torch.from_numpy(np.ascontiguousarray(restored)).to(matrix.dtype))
     return copied
