@@ -5,9 +5,8 @@ Two synthetic models with seeded random weights, about 640M parameters each (8 l
 intermediate 2816, top-2, vocabulary 32768):
 
 - **Qwen3-MoE** (which Optimum exports): Optimum-ONNX's ``main_export`` fp32, ours unpruned fp32 / int4, ours
-  MoNE 0.5 fp32 / int4 (``--attention auto``: GroupQueryAttention), MoNE 0.5 int4 with plain attention and with
-  blocks of 128 instead of 32, all
-  timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
+  MoNE 0.5 fp32 / int4 (the command line's defaults: ``--attention auto``, GroupQueryAttention; int4 in blocks of
+  128), MoNE 0.5 int4 with plain attention and with blocks of 32 instead of 128, all timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
 - **gpt-oss** (which the onnxruntime-genai builder takes; our five bundled families it does not): the builder's fp32
   and int4 models beside ours unpruned / MoNE 0.5, fp32 / int4, all timed through ``onnxruntime_genai`` (a prefill
   is ``append_tokens`` of the prompt; decode steps are ``append_tokens`` of one token each, one after the other:
@@ -50,8 +49,8 @@ ROPE_THETA = 1000000.0
 RATIO = 0.5
 PREFILLS, PASTS = (128, 1024), (128, 2048)
 CALIB = dict(source="random", samples=16, seq_len=128)
-BIG_BLOCK = 128
-"""The speed variant beside the default block of 32 (``--quant-block-size 128``: fewer scales, faster kernels)."""
+SMALL_BLOCK = 32
+"""The finer variant beside the default block (``--quant-block-size 32``: more scales, slower kernels)."""
 DECODE_STEPS = 128
 """Room for the decode steps of one genai generator (warm-up and timed, untimed settling runs included)."""
 
@@ -150,16 +149,18 @@ def _with_mxfp4(source: Path, target: Path, mxfp4: dict) -> None:
 
 
 def _our_exports(folder: Path, family: str) -> None:
-    """Unpruned and MoNE 0.5 output folders, fp32 and int4, with ``--attention auto`` (GroupQueryAttention where the
-    family allows it), and the MoNE int4 export with plain attention beside them. Every export after the first of a
-    ratio reuses that run's plan."""
+    """Unpruned and MoNE 0.5 output folders, fp32 and int4, as the command line writes them by default
+    (``--attention auto``: GroupQueryAttention where the family allows it; int4 in blocks of
+    ``DEFAULT_BLOCK_SIZE``), and beside them the MoNE int4 export with plain attention and with blocks of 32. Every
+    export after the first of a ratio reuses that run's plan."""
+    from graph_passes.quantize_weights import DEFAULT_BLOCK_SIZE
     from mone_export.export_pipeline import export_model
     from mone_export.pipeline import CalibrationOptions
 
     calib = CalibrationOptions(**CALIB)
     model = folder / family
-    variants = [(ratio, quant, "auto", 32) for ratio in (0.0, RATIO) for quant in ("none", "int4")]
-    variants += [(RATIO, "int4", "plain", 32), (RATIO, "int4", "auto", BIG_BLOCK)]
+    variants = [(ratio, quant, "auto", DEFAULT_BLOCK_SIZE) for ratio in (0.0, RATIO) for quant in ("none", "int4")]
+    variants += [(RATIO, "int4", "plain", DEFAULT_BLOCK_SIZE), (RATIO, "int4", "auto", SMALL_BLOCK)]
     for ratio, quant, attention, block in variants:
         out = folder / _our_name(family, ratio, "fp32" if quant == "none" else quant, attention, block)
         first = folder / _our_name(family, ratio, "fp32", "auto")
@@ -170,9 +171,11 @@ def _our_exports(folder: Path, family: str) -> None:
         print(f"exported {out}", file=sys.stderr)
 
 
-def _our_name(family: str, ratio: float, precision: str, attention: str, block: int = 32) -> str:
+def _our_name(family: str, ratio: float, precision: str, attention: str, block: int | None = None) -> str:
+    from graph_passes.quantize_weights import DEFAULT_BLOCK_SIZE
+
     return (f"{family}-ours-{ratio}-{precision}" + ("-plain" if attention == "plain" else "")
-            + (f"-b{block}" if block != 32 else ""))
+            + (f"-b{block}" if block not in (None, DEFAULT_BLOCK_SIZE) else ""))
 
 
 def _genai_builds(folder: Path) -> None:
@@ -307,7 +310,8 @@ def _contestants(folder: Path, family: str) -> dict[str, Path]:
     fused = json.loads((folder / _our_name(family, RATIO, "int4", "auto") / "report.json").read_text())["attention"]
     if fused == "gqa":  # the control: the same export with plain attention
         names[f"ours MoNE {RATIO} int4, plain attention"] = folder / _our_name(family, RATIO, "int4", "plain")
-    names[f"ours MoNE {RATIO} int4, block {BIG_BLOCK}"] = folder / _our_name(family, RATIO, "int4", "auto", BIG_BLOCK)
+    names[f"ours MoNE {RATIO} int4, block {SMALL_BLOCK}"] = folder / _our_name(family, RATIO, "int4", "auto",
+                                                                               SMALL_BLOCK)
     return names
 
 

@@ -213,6 +213,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
     from mone_export.errors import ParityError
     from mone_export.export import MODEL_FILE, export_onnx, lower_bound_bytes, weight_bytes
     from mone_export.distributed import is_primary
+    from mone_export.onnx_utils import rotary_table_bytes
     from mone_export.fused_attention import check_attention_form, resolve_attention
     from mone_export.loading import check_output_dir, load_model
     from mone_export.novices import apply_plan
@@ -318,7 +319,9 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
                     output_folder(loaded, tokenizer, _exporter(loaded, dtype, form, quantization, attention), folder,
                                   plan=plan, overwrite=overwrite, dtype=dtype, share_kv_buffer=attention == "gqa"))
             pruned_bytes = weight_bytes(tmp / MODEL_FILE)
-            bound = lower_bound_bytes(loaded, dtype)
+            # the fused attention's cos/sin tables count beside the parameters, as in validation
+            tables = rotary_table_bytes(tmp / MODEL_FILE)
+            bound = lower_bound_bytes(loaded, dtype) + tables
             report["weights"] = {
                 "unpruned_bytes": weight_bytes(baseline / MODEL_FILE) if baseline else
                 (pruned_bytes if not plan.num_pruned else unpruned_bound),
@@ -326,6 +329,7 @@ def export_model(model: str | os.PathLike, ratio: float | None, output: str | os
                 ("this export (ratio 0)" if not plan.num_pruned else "parameters of the unpruned model"),
                 "pruned_bytes": pruned_bytes,
                 "lower_bound_bytes": bound,
+                "rotary_table_bytes": tables,
                 "ratio_to_bound": pruned_bytes / bound,
             }
             if validate:

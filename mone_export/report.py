@@ -107,7 +107,7 @@ def render_markdown(report: dict) -> str:
 
 
 def _quant_text(report: dict) -> str:
-    """``, int4 weights (block 32)`` for a quantised export and ``, GroupQueryAttention`` for fused attention."""
+    """``, int4 weights (block 128)`` for a quantised export and ``, GroupQueryAttention`` for fused attention."""
     quant = report.get("quantization")
     text = f", int{quant['bits']} weights (block {quant['block_size']})" if quant else ""
     return text + (", GroupQueryAttention" if report.get("attention") == "gqa" else "")

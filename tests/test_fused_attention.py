@@ -20,8 +20,8 @@ from mone_export import load_model
 from mone_export.errors import UsageError
 from mone_export.export import export_onnx, lower_bound_bytes, weight_bytes
 from mone_export.onnx_utils import rotary_table_bytes
-from mone_export.export_pipeline import export_model
-from mone_export.fused_attention import gqa_unsupported_reason, rotary_cache
+from mone_export.export_pipeline import ExportOptions, export_model
+from mone_export.fused_attention import gqa_unsupported_reason, resolve_attention, rotary_cache
 from mone_export.novices import apply_plan
 from mone_export.ort_session import OrtDecoder
 from mone_export.pipeline import CalibrationOptions, calibrate_and_plan
@@ -148,6 +148,16 @@ def test_left_padded_batch(name, tmp_path):
         logits, past = decoder(ids, mask, positions, past)
         want, cache = torch_step(model, ids, mask, positions, cache)
         assert np.abs(logits - want.numpy()).max() <= 1e-4
+
+
+def test_auto_is_the_default_and_keeps_plain_attention_for_cuda():
+    """``auto`` (the command line's and ``ExportOptions``' default) fuses a model the kernel computes, except for
+    ``--provider cuda`` (the kernel's CUDA version is fp16/bf16 only and unmeasured here): plain there."""
+    model = tiny_model_of("mixtral", head_dim=16)
+    assert ExportOptions().attention == "auto"
+    assert resolve_attention("auto", model) == "gqa"
+    assert resolve_attention("auto", model, "cuda") == "plain"
+    assert resolve_attention("gqa", model, "cuda") == "gqa"
 
 
 def test_latent_attention_is_refused_and_auto_falls_back(tmp_path):
