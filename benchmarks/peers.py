@@ -277,7 +277,9 @@ def genai_runner(model, ids):
     import numpy as np
     import onnxruntime_genai as og
 
-    from mone_export.latency import LatencyRunner
+    import itertools
+
+    from mone_export.latency import LatencyRunner, decode_tokens
 
     tokens = ids.shape[1]
     prompt = ids.astype(np.int32)
@@ -292,8 +294,8 @@ def genai_runner(model, ids):
 
     held = generator()
     held.append_tokens(prompt)
-    nxt = np.array([[int(np.argmax(np.asarray(held.get_logits())[0, -1]))]], dtype=np.int32)
-    return LatencyRunner(prefill=prefill, decode=lambda: held.append_tokens(nxt))
+    nexts = itertools.cycle([t.astype(np.int32) for t in decode_tokens(ids)])
+    return LatencyRunner(prefill=prefill, decode=lambda: held.append_tokens(next(nexts)))
 
 
 def _contestants(folder: Path, family: str) -> dict[str, Path]:

@@ -75,7 +75,9 @@ class BoundDecoder:
 def bound_runner(decoder, ids: np.ndarray):
     """The IO-binding counterpart of :func:`mone_export.latency.ort_runner`: a prefill of ``ids [B, T]`` and a
     one-token decode with a past of T, inputs and cache bound on the device (nothing but the ids crosses per step)."""
-    from mone_export.latency import LatencyRunner
+    import itertools
+
+    from mone_export.latency import LatencyRunner, decode_tokens
 
     bound = BoundDecoder(decoder)
     batch, tokens = ids.shape
@@ -83,12 +85,12 @@ def bound_runner(decoder, ids: np.ndarray):
     positions = bound.value(np.broadcast_to(np.arange(tokens, dtype=np.int64), (batch, tokens)).copy())
     prompt = bound.value(np.asarray(ids, dtype=np.int64))
     empty = bound.empty_past(batch)
-    logits, past = bound.step(prompt, mask, positions, empty)
-    nxt = bound.value(np.asarray(bound.logits(logits)[:, -1].argmax(-1), dtype=np.int64).reshape(batch, 1))
+    _, past = bound.step(prompt, mask, positions, empty)
+    nexts = itertools.cycle([bound.value(tokens_) for tokens_ in decode_tokens(ids)])
     mask1 = bound.value(np.ones((batch, tokens + 1), dtype=np.int64))
     pos1 = bound.value(np.full((batch, 1), tokens, dtype=np.int64))
     return LatencyRunner(prefill=lambda: bound.step(prompt, mask, positions, empty),
-                         decode=lambda: bound.step(nxt, mask1, pos1, past))
+                         decode=lambda: bound.step(next(nexts), mask1, pos1, past))
 
 
 def cuda_free_bytes() -> int | None:
