@@ -14,6 +14,7 @@ import torch
 from mone_export import apply_plan, collect_stats, plan_pruning
 from mone_export.errors import ParityError, UsageError
 from mone_export.export import export_onnx
+from mone_export.latency import DECODE_TOKENS, ort_runner
 from mone_export.validate import TOLERANCES, make_prompts, raise_for_failures, validate_export
 from tiny_models import tiny_batches, tiny_model
 
@@ -204,3 +205,29 @@ def test_an_untrained_router_cannot_be_validated(tmp_path, capsys):
     code, report = _cli_report(tmp_path / "model", tmp_path / "out", capsys)
     assert code == 1 and report["passed"] is False
     assert "exact router tie" in report["validation"]["failures"][0]["difference"]
+
+
+def test_decode_steps_cycle_through_tokens():
+    """A timed decode step is one token on the prefilled past; successive steps take the prompt's first tokens in
+    turn (with novices a step's cost depends on its token's routing), and the past they are given is the same."""
+    seen = []
+
+    class Recorder:
+        provider = "cpu"
+
+        def empty_past(self, batch):
+            return []
+
+        def __call__(self, ids, mask, positions, past):
+            seen.append((ids.copy(), mask.shape, positions.copy(), id(past)))
+            return np.zeros((1, ids.shape[1], 4), np.float32), ["past"]
+
+    ids = np.arange(100, 120, dtype=np.int64)[None]
+    runner = ort_runner(Recorder(), ids)
+    seen.clear()
+    for _ in range(DECODE_TOKENS + 2):
+        runner.decode()
+    tokens = [int(step[0][0, 0]) for step in seen]
+    assert tokens == [100 + i % DECODE_TOKENS for i in range(DECODE_TOKENS + 2)]
+    assert {step[1] for step in seen} == {(1, 21)} and all(int(step[2][0, 0]) == 20 for step in seen)
+    assert len({step[3] for step in seen}) == 1
