@@ -351,6 +351,49 @@ def test_optimum_example_generates_genai_tokens(optimum_run, tmp_path, name):
     assert json.loads(run.stdout.splitlines()[-1]) == ids + tokens
 
 
+OPTIMUM_BATCH = """\
+import json, sys
+from optimum.onnxruntime import ORTModelForCausalLM
+from transformers import AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], padding_side="left")
+tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+model = ORTModelForCausalLM.from_pretrained(sys.argv[1])
+shape = {i.name: i.shape for i in model.session.get_inputs()}["past_key_values.0.key"]
+model.num_key_value_heads, model.embed_size_per_head = shape[1], shape[3]
+prompts = json.loads(sys.argv[2])
+alone = [model.generate(**tokenizer(p, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0].tolist()
+         for p in prompts]
+batch = tokenizer(prompts, return_tensors="pt", padding=True)
+together = model.generate(**batch, max_new_tokens=12, do_sample=False).tolist()
+width = batch["input_ids"].shape[1]
+print(json.dumps({"padding": (1 - batch["attention_mask"]).sum(-1).tolist(),
+                  "alone": [a[len(tokenizer(p).input_ids):] for p, a in zip(prompts, alone)],
+                  "together": [t[width:] for t in together]}))
+"""
+
+
+@needs_bundled
+@needs_optimum
+def test_optimum_batched_generate_on_the_default_export(tmp_path):
+    """The command line's default export (GroupQueryAttention) under Optimum's batched ``generate``: prompts of
+    different lengths, left-padded, give each prompt's own greedy tokens."""
+    from mone_export.export_pipeline import export_model
+    from mone_export.pipeline import CalibrationOptions
+
+    out = tmp_path / "out"
+    report = export_model("mixtral", 0.5, out, calib=CalibrationOptions(samples=8, seq_len=64), validate=False,
+                          progress=False)
+    assert report["attention"] == "gqa"
+    prompts = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "import os", "The results of the"]
+    run = subprocess.run([OPTIMUM_PYTHON, "-c", OPTIMUM_BATCH, str(out), json.dumps(prompts)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert min(result["padding"]) == 0 and max(result["padding"]) >= 10  # really padded, by different amounts
+    assert result["together"] == result["alone"]
+
+
 def _readme_python_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
     return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
