@@ -6,7 +6,8 @@ intermediate 2816, top-2, vocabulary 32768):
 
 - **Qwen3-MoE** (which Optimum exports): Optimum-ONNX's ``main_export`` fp32, ours unpruned fp32 / int4, ours
   MoNE 0.5 fp32 / int4 (the command line's defaults: ``--attention auto``, GroupQueryAttention; int4 in blocks of
-  128), MoNE 0.5 int4 with plain attention and with blocks of 32 instead of 128, all timed through ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
+  128), MoNE 0.5 int4 with plain attention and with blocks of 32 instead of 128, all timed through
+  ``onnxruntime.InferenceSession`` (:func:`mone_export.latency.ort_runner`);
 - **gpt-oss** (which the onnxruntime-genai builder takes; our five bundled families it does not): the builder's fp32
   and int4 models beside ours unpruned / MoNE 0.5, fp32 / int4, all timed through ``onnxruntime_genai`` (a prefill
   is ``append_tokens`` of the prompt; decode steps are ``append_tokens`` of one token each, one after the other:
