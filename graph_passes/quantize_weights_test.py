@@ -173,6 +173,17 @@ def _run(model: ir.Model, ids: np.ndarray) -> np.ndarray:
     return session.run(None, {"ids": ids})[0]
 
 
+def _check_against_dequantized(model: ir.Model, original: ir.Model, config: WeightQuantization) -> None:
+    """ORT parity of the quantised embedding model with its dequantised copy, a real change from the original, and
+    ``onnx.checker``."""
+    reference = _dequantized_copy(model, original, config)
+    ids = np.array([0, 5, 39, 5], np.int64)
+    want = _run(reference, ids)
+    assert np.abs(_run(model, ids) - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(_run(original, ids) - want).max() > 1e-3
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_embedding_and_tied_head(bits):
     model, _ = _embedding_model(hidden=64)
@@ -187,12 +198,7 @@ def test_embedding_and_tied_head(bits):
     # the weight read along two axes stays float32; the tied embedding is quantised once, along its rows
     assert record["weights"] == {"embed.weight": 1, "proj.weight.T": 0}
     assert "embed.weight" not in model.graph.initializers and "both" in model.graph.initializers
-    reference = _dequantized_copy(model, original, config)
-    ids = np.array([0, 5, 39, 5], np.int64)
-    want = _run(reference, ids)
-    assert np.abs(_run(model, ids) - want).max() <= 1e-4 * np.abs(want).max()
-    assert np.abs(_run(original, ids) - want).max() > 1e-3
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    _check_against_dequantized(model, original, config)
 
 
 def test_embedding_takes_the_largest_block_that_divides_its_width():
@@ -211,12 +217,7 @@ def test_embedding_takes_the_largest_block_that_divides_its_width():
               node.attributes.get_int("block_size") for node in model.graph if node.domain == "com.microsoft"}
     assert blocks == {"GatherBlockQuantized:embed.weight.int4.rows": 16, "MatMulNBits:proj.weight.T.int4": 32,
                       "MatMulNBits:embed.weight.int4": 16}
-    reference = _dequantized_copy(model, original, config)
-    ids = np.array([0, 5, 39, 5], np.int64)
-    want = _run(reference, ids)
-    assert np.abs(_run(model, ids) - want).max() <= 1e-4 * np.abs(want).max()
-    assert np.abs(_run(original, ids) - want).max() > 1e-3
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    _check_against_dequantized(model, original, config)
 
 
 def test_embedding_width_no_block_divides_stays_float32():
